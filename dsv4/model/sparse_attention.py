@@ -1,0 +1,58 @@
+"""Sparse attention with an attention sink, emulating the official TileLang ``sparse_attn`` kernel (§3.5).
+
+The kernel's online softmax over blocks of 64 indices rounds differently from a one-pass softmax (the
+running max rescales partial sums, and the probabilities are cast to bf16 before P·V), and in the
+simulated numerics modes those roundings feed later FP8 roundings. So this follows the kernel's block
+order and casts rather than calling a fused softmax. Checked bit-exact against the reference vectors with:
+natural ``exp`` (not exp2 with log2(e) folded into the scale), the denominator summing the fp32
+probabilities (summing the bf16-cast ones is 2 ulps off), and a final division by the denominator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 64
+
+
+def sparse_attention(
+    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attend each query to the KV rows its index list names, with one sink logit per head.
+
+    q [T, H, D]; kv [N, D] (one shared head, used as key and value); idx [T, K] integer row indices with
+    -1 for "no entry"; sink [H] fp32 (a softmax-denominator term only, never part of the max).
+    Returns [T, H, D] in q's dtype; a query without any valid index gets zeros.
+
+    Vectorised over queries and heads; only the K/64 index blocks are looped over, so the working set is
+    O(T·64·D + T·H·64) per block and never O(T·N).
+    """
+    t_len, n_heads, dim = q.shape
+    p_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    qf = q.float()
+    sink = sink.float()
+    scale_t = torch.tensor(scale, dtype=torch.float32)
+    m = torch.full((t_len, n_heads), -torch.inf, dtype=torch.float32, device=q.device)
+    l_sum = torch.zeros((t_len, n_heads), dtype=torch.float32, device=q.device)
+    acc = torch.zeros((t_len, n_heads, dim), dtype=torch.float32, device=q.device)
+    for start in range(0, idx.shape[1], BLOCK):
+        blk = idx[:, start : start + BLOCK].long()
+        valid = blk >= 0
+        # Invalid slots load a zero row (as the kernel does), so they add nothing to P·V.
+        k_blk = kv[blk.clamp_min(0)].float() * valid.unsqueeze(-1)
+        z = torch.bmm(qf, k_blk.transpose(1, 2)) * scale_t
+        z = z.masked_fill(~valid.unsqueeze(1), -torch.inf)
+        m_new = torch.maximum(m, z.amax(dim=-1))
+        # Rows that have seen no valid entry yet keep m = -inf; use 0 there so that exp() gives 0, not NaN.
+        m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
+        alpha = torch.exp(m - m_safe)
+        p = torch.exp(z - m_safe.unsqueeze(-1))
+        l_sum = l_sum * alpha + p.sum(dim=-1)
+        pv = torch.bmm(p.to(p_dtype).float(), k_blk)
+        acc = acc * alpha.unsqueeze(-1) + pv
+        m = m_new
+    m_safe = torch.where(torch.isinf(m), 0.0, m)
+    l_sum = l_sum + torch.exp(sink.unsqueeze(0) - m_safe)
+    # l is 0 only with no valid entry and a -inf sink; acc is 0 then, and the output must be 0, not NaN.
+    l_sum = torch.where(l_sum > 0, l_sum, 1.0)
+    return (acc / l_sum.unsqueeze(-1)).to(q.dtype)
