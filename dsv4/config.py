@@ -292,8 +292,7 @@ class ModelConfig:
             raise bad(
                 "head_dim",
                 self.head_dim,
-                f"head_dim - qk_rope_head_dim = {nope} must be a positive multiple of {KV_FP8_BLOCK} "
-                "(FP8 KV blocks)",
+                f"head_dim - qk_rope_head_dim = {nope} must be a positive multiple of {KV_FP8_BLOCK} (FP8 KV blocks)",
             )
         idx = self.index_head_dim
         if idx <= self.rope_head_dim or idx % FP4_BLOCK or idx & (idx - 1):
@@ -303,7 +302,9 @@ class ModelConfig:
                 f"must be a power of two, a multiple of {FP4_BLOCK} and larger than qk_rope_head_dim",
             )
         if (self.index_n_heads * idx) % QUANT_BLOCK:
-            raise bad("index_n_heads", self.index_n_heads, f"index_n_heads*index_head_dim must be a multiple of {QUANT_BLOCK}")
+            raise bad(
+                "index_n_heads", self.index_n_heads, f"index_n_heads*index_head_dim must be a multiple of {QUANT_BLOCK}"
+            )
         if self.window_size <= 0:
             raise bad("sliding_window", self.window_size, "must be positive")
         if not 0 < self.n_activated_experts <= self.n_routed_experts:

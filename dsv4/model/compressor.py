@@ -1,0 +1,89 @@
+"""KV compression: softmax-gated pooling of every ``ratio`` tokens into one entry (paper §2.3).
+
+Ratio 128 (HCA) pools disjoint windows. Ratio 4 (CSA, and the lightning indexer's keys) pools overlapping
+windows: each token projects to two halves, and entry j pools the second halves of tokens 4j..4j+3 with the
+first halves of tokens 4j-4..4j-1 (eight slots, per-channel softmax). The pooling runs in fp32 with a learned
+positional bias ``ape``; the entry is then RMS-normalised, rotated at the position of its window's first
+token, and quantisation-simulated (FP8 for attention entries; Hadamard + FP4 for indexer keys).
+
+The tokens of a window that is not complete yet - and, with overlap, the whole previous window - are kept
+in fp32 in the cache's *frontier*, so that a sequence can be continued with any number of tokens and still
+produce exactly the entries a one-shot prefill would.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.cache.view import LayerCache
+from dsv4.config import KV_FP8_BLOCK, ModelConfig
+from dsv4.model.linear import Linear
+from dsv4.model.norm import RMSNorm
+from dsv4.model.numerics import Numerics
+from dsv4.model.quant import fp4_simulate, fp8_simulate, hadamard
+from dsv4.model.rope import Rotary
+
+
+class Compressor(nn.Module):
+    def __init__(
+        self, config: ModelConfig, ratio: int, head_dim: int, rotate: bool, numerics: Numerics, rotary: Rotary
+    ):
+        super().__init__()
+        self.ratio, self.head_dim, self.rotate, self.numerics, self.rotary = ratio, head_dim, rotate, numerics, rotary
+        self.overlap = ratio == 4
+        coff = 2 if self.overlap else 1
+        self.wkv = Linear(config.dim, coff * head_dim, "bf16", numerics)
+        self.wgate = Linear(config.dim, coff * head_dim, "bf16", numerics)
+        self.ape = nn.Parameter(torch.empty(ratio, coff * head_dim, dtype=torch.float32), requires_grad=False)
+        self.norm = RMSNorm(head_dim, config.norm_eps)
+        self.nope = head_dim - config.rope_head_dim
+
+    def frontier_start(self, end: int) -> int:
+        """First position the frontier must keep once positions [0, end) are seen."""
+        start = end // self.ratio * self.ratio - (self.ratio if self.overlap else 0)
+        return max(start, 0)
+
+    def forward(self, x: torch.Tensor, pos0: int, cache: LayerCache, name: str) -> torch.Tensor | None:
+        """Feed the tokens at positions [pos0, pos0 + len(x)); append and return the entries they complete."""
+        r, c = self.ratio, self.head_dim
+        end = pos0 + len(x)
+        xf = x.float()
+        kv = F.linear(xf, self.wkv.dense())
+        score = F.linear(xf, self.wgate.dense()) + self.ape[torch.arange(pos0, end) % r]
+        old_kv, old_score = cache.frontier(name)
+        if len(old_kv):
+            kv, score = torch.cat([old_kv, kv]), torch.cat([old_score, score])
+        start = self.frontier_start(pos0)  # position of kv[0]
+        first, last = pos0 // r, end // r  # entries [first, last) complete in this call
+        keep = self.frontier_start(end) - start
+        cache.set_frontier(name, kv[keep:], score[keep:])
+        if last == first:
+            return None
+
+        if self.overlap:
+            if first == 0:  # entry 0 has no previous window: its slots weigh nothing
+                kv = torch.cat([kv.new_zeros(r, 2 * c), kv])
+                score = torch.cat([score.new_full((r, 2 * c), float("-inf")), score])
+                start -= r
+            lo, hi = r * (first - 1) - start, r * last - start
+            windows_kv, windows_score = kv[lo:hi].unflatten(0, (-1, r)), score[lo:hi].unflatten(0, (-1, r))
+            # slots 0..r-1: first halves of the previous window; r..2r-1: second halves of the current one
+            kv = torch.cat([windows_kv[:-1, :, :c], windows_kv[1:, :, c:]], dim=1)
+            score = torch.cat([windows_score[:-1, :, :c], windows_score[1:, :, c:]], dim=1)
+        else:
+            lo, hi = r * first - start, r * last - start
+            kv, score = kv[lo:hi].unflatten(0, (-1, r)), score[lo:hi].unflatten(0, (-1, r))
+        pooled = (kv * score.softmax(dim=1)).sum(dim=1)
+
+        entries = self.norm(pooled.to(self.numerics.dtype))
+        entries = self.rotary.rotate(entries, self.rotary.at(torch.arange(first, last) * r))
+        if self.rotate:
+            entries = hadamard(entries)
+            if self.numerics.simulate:
+                entries = fp4_simulate(entries)
+        elif self.numerics.simulate:
+            entries = torch.cat([fp8_simulate(entries[:, : self.nope], KV_FP8_BLOCK), entries[:, self.nope :]], -1)
+        cache.append_entries(name, entries)
+        return entries

@@ -1,0 +1,68 @@
+"""The lightning indexer: picks, for each query of a CSA layer, the top-k compressed entries to attend to.
+
+Scores are I[t, e] = Σ_h w[t, h] · ReLU(q_{t,h} · k_e) over index heads, with queries and keys Hadamard-rotated
+and FP4-simulated, and the scores kept in the activation dtype (bf16 when serving, as the paper chose for a
+fast top-k). Entry e is usable by the query at position p only once its window is complete: e < (p+1)/4.
+The [queries x entries] score matrix is the one dense matrix V4 needs; it is built in query chunks so that a
+long prefill never holds it whole.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.cache.view import LayerCache
+from dsv4.config import ModelConfig
+from dsv4.model.compressor import Compressor
+from dsv4.model.linear import ColumnParallelLinear
+from dsv4.model.numerics import Numerics
+from dsv4.model.parallel import SINGLE, ParallelContext
+from dsv4.model.quant import fp4_simulate, hadamard
+from dsv4.model.rope import Rotary
+
+SCORE_CHUNK_ELEMENTS = 1 << 25  # query chunk x heads x entries per chunk of the score matrix (~64 MB in bf16)
+
+
+class Indexer(nn.Module):
+    def __init__(self, config: ModelConfig, numerics: Numerics, rotary: Rotary, parallel: ParallelContext = SINGLE):
+        super().__init__()
+        self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.topk, self.ratio = config.index_topk, 4
+        self.numerics, self.rotary, self.parallel = numerics, rotary, parallel
+        self.wq_b = ColumnParallelLinear(
+            config.q_lora_rank, self.n_heads * self.head_dim, config.weight_dtype, numerics, parallel
+        )
+        self.weights_proj = ColumnParallelLinear(config.dim, self.n_heads, "bf16", numerics, parallel)
+        self.compressor = Compressor(config, 4, self.head_dim, True, numerics, rotary)
+        self.weight_scale = self.head_dim**-0.5 * self.n_heads**-0.5
+
+    def forward(
+        self, x: torch.Tensor, qr: torch.Tensor, pos0: int, cis: torch.Tensor, cache: LayerCache
+    ) -> torch.Tensor:
+        """Entry numbers [s, min(topk, entries)] chosen per query (torch.topk order), -1 where unusable."""
+        q = self.wq_b(qr).unflatten(-1, (-1, self.head_dim))
+        q = hadamard(self.rotary.rotate(q, cis))
+        if self.numerics.simulate:
+            q = fp4_simulate(q)
+        self.compressor(x, pos0, cache, "index")
+        weights = self.weights_proj(x) * self.weight_scale
+        n_entries = cache.num_entries("index")
+        s = len(x)
+        if n_entries == 0:
+            return torch.empty(s, 0, dtype=torch.int64)
+        keys = cache.entries("index")
+        usable = (torch.arange(pos0, pos0 + s) + 1) // self.ratio  # entries [0, usable) are complete
+        k = min(self.topk, n_entries)
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // (q.shape[1] * n_entries))
+        picked = []
+        for lo in range(0, s, chunk):
+            hi = min(s, lo + chunk)
+            scores = torch.einsum("bshd,btd->bsht", q[None, lo:hi], keys[None])[0]
+            scores = (scores.relu_() * weights[lo:hi].unsqueeze(-1)).sum(dim=1)
+            scores = self.parallel.all_reduce(scores)
+            future = torch.arange(n_entries) >= usable[lo:hi, None]
+            scores = scores.masked_fill(future, float("-inf"))
+            top = scores.topk(k, dim=-1)[1]
+            picked.append(torch.where(top >= usable[lo:hi, None], -1, top))
+        return torch.cat(picked)

@@ -1,0 +1,160 @@
+"""The whole forward: embedding, hc-stream expansion, the blocks, the hc head collapse, final norm, logits.
+
+The model runs on a flattened batch: ``tokens`` [T] of any number of sequences, each described by a
+``Span`` (its rows, its first position, its cache). Projections, MoE and mHC run on all T rows at once;
+only the attention's cache-dependent part walks the spans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import LayerSpec, ModelConfig
+from dsv4.model.attention import Attention, Span
+from dsv4.model.hyper import hc_head, hc_post, hc_pre
+from dsv4.model.linear import Linear
+from dsv4.model.moe import MoE
+from dsv4.model.norm import RMSNorm
+from dsv4.model.numerics import Numerics, get_numerics
+from dsv4.model.parallel import SINGLE, ParallelContext
+
+
+def _fp32(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(*shape, dtype=torch.float32), requires_grad=False)
+
+
+class Block(nn.Module):
+    """Attention then MoE, each wrapped in an mHC pre/post pair (parameters named as in the checkpoint)."""
+
+    def __init__(self, config: ModelConfig, spec: LayerSpec, numerics: Numerics, parallel: ParallelContext = SINGLE):
+        super().__init__()
+        self.config = config
+        self.attn = Attention(config, spec, numerics, parallel)
+        self.ffn = MoE(config, spec, numerics, parallel)
+        self.attn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        mix, width = (2 + config.hc_mult) * config.hc_mult, config.hc_mult * config.dim
+        self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _fp32(mix, width), _fp32(mix), _fp32(3)
+        self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _fp32(mix, width), _fp32(mix), _fp32(3)
+
+    def forward(
+        self, h: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor, spans: list[Span]
+    ) -> torch.Tensor:
+        """h [T, hc, d] -> [T, hc, d]."""
+        c = self.config
+        x, post, comb = hc_pre(
+            h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps
+        )
+        h = hc_post(self.attn(self.attn_norm(x), positions, spans), h, post, comb)
+        x, post, comb = hc_pre(
+            h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps
+        )
+        return hc_post(self.ffn(self.ffn_norm(x), token_ids), h, post, comb)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction (depth 1): from the main model's final streams at position t and the token at
+    t+1, predict the token at t+2. Shares the main embedding and head; has its own norms and hc head."""
+
+    def __init__(self, config: ModelConfig, spec: LayerSpec, numerics: Numerics, parallel: ParallelContext = SINGLE):
+        super().__init__(config, spec, numerics, parallel)
+        self.e_proj = Linear(config.dim, config.dim, config.weight_dtype, numerics)
+        self.h_proj = Linear(config.dim, config.dim, config.weight_dtype, numerics)
+        self.enorm = RMSNorm(config.dim, config.norm_eps)
+        self.hnorm = RMSNorm(config.dim, config.norm_eps)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = (
+            _fp32(config.hc_mult, config.hc_mult * config.dim),
+            _fp32(config.hc_mult),
+            _fp32(1),
+        )
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # fp32 [len(logit_rows), vocab]
+    hidden: torch.Tensor  # final residual streams [T, hc, d] (the MTP block's input)
+
+
+class Transformer(nn.Module):
+    def __init__(
+        self, config: ModelConfig, numerics: str | Numerics = "bf16_official", parallel: ParallelContext = SINGLE
+    ):
+        super().__init__()
+        self.config, self.numerics = config, get_numerics(numerics)
+        n = self.numerics
+        self.embed = nn.Module()
+        self.embed.weight = nn.Parameter(
+            torch.empty(config.vocab_size, config.dim, dtype=torch.bfloat16), requires_grad=False
+        )
+        self.layers = nn.ModuleList(Block(config, spec, n, parallel) for spec in config.layers)
+        self.mtp = nn.ModuleList(MTPBlock(config, spec, n, parallel) for spec in config.mtp_layers)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.head = Linear(config.dim, config.vocab_size, "bf16", n)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = (
+            _fp32(config.hc_mult, config.hc_mult * config.dim),
+            _fp32(config.hc_mult),
+            _fp32(1),
+        )
+
+    @property
+    def n_cache_layers(self) -> int:
+        return len(self.layers) + len(self.mtp)
+
+    def weights_loaded(self) -> None:
+        """Forget every derived (dequantised) weight; call after the state tensors change."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.drop_cache()
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.embed.weight).to(self.numerics.dtype)
+
+    def _logits(
+        self, h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: RMSNorm
+    ) -> torch.Tensor:
+        c = self.config
+        y = norm(hc_head(h, fn, scale, base, c.hc_eps, c.norm_eps))
+        return F.linear(y.float(), self.head.dense(torch.float32))
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        spans: list[Span],
+        logit_rows: torch.Tensor | None = None,
+    ) -> ForwardOutput:
+        """Run ``tokens`` [T] (the spans' tokens, concatenated) and return the logits of ``logit_rows``
+        (default: the last token of every span)."""
+        positions = torch.cat([torch.arange(s.pos0, s.pos0 + s.length) for s in spans])
+        if logit_rows is None:
+            logit_rows = torch.tensor([s.start + s.length - 1 for s in spans])
+        h = self._embed(tokens).unsqueeze(1).repeat(1, self.config.hc_mult, 1)
+        for layer in self.layers:
+            h = layer(h, tokens, positions, spans)
+        logits = self._logits(h[logit_rows], self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
+        return ForwardOutput(logits=logits, hidden=h)
+
+    @torch.inference_mode()
+    def mtp_forward(
+        self,
+        hidden: torch.Tensor,
+        next_tokens: torch.Tensor,
+        spans: list[Span],
+        logit_rows: torch.Tensor | None = None,
+        depth: int = 0,
+    ) -> torch.Tensor:
+        """Logits of the token two ahead: ``hidden`` [T, hc, d] from ``forward`` at positions p, ``next_tokens``
+        [T] the tokens at p+1 (the spans describe positions p, as for ``forward``)."""
+        block = self.mtp[depth]
+        positions = torch.cat([torch.arange(s.pos0, s.pos0 + s.length) for s in spans])
+        if logit_rows is None:
+            logit_rows = torch.tensor([s.start + s.length - 1 for s in spans])
+        e = block.enorm(self._embed(next_tokens))
+        h = block.e_proj(e).unsqueeze(1) + block.h_proj(block.hnorm(hidden))
+        h = block(h, next_tokens, positions, spans)
+        return self._logits(h[logit_rows], block.hc_head_fn, block.hc_head_scale, block.hc_head_base, block.norm)
