@@ -1,0 +1,232 @@
+"""``dsv4 check-vectors DIR``: run a reference-vector set (the format of the official-reference vectors:
+a checkpoint, prompts with teacher-forced decode tokens, reference logits per numerics mode, kernel vectors
+and a manifest with the tolerance rules) and judge every mode by the manifest's own rules.
+
+Tiers, as the manifest defines them: ``fp32_nosim`` must be within ``atol`` on every row with identical
+argmax. The simulated modes are "exact" when the max difference is within the exact-tier bound (the
+official arithmetic order reproduced), otherwise "statistical" when the mean difference and the argmax
+agreement are within the statistical bounds (FP8/FP4 rounding flips cascade, so per-element bounds would
+be meaningless), otherwise they fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from dsv4.cache.contiguous import ContiguousCache
+from dsv4.model.attention import Span
+from dsv4.model.hyper import sinkhorn_split
+from dsv4.model.loading import load_model
+from dsv4.model.quant import act_quant, dequant_fp4_weight, dequant_fp8_weight, fp4_simulate, fp8_simulate, hadamard
+from dsv4.model.sparse_attention import sparse_attention
+
+
+@dataclass
+class PromptResult:
+    prompt: int
+    max_abs: float
+    mean_abs: float
+    row_max: list[float]  # row 0: last prefill position; row j: after decode token j-1
+    row_argmax_equal: list[bool]
+
+    @property
+    def argmax_agree(self) -> float:
+        return sum(self.row_argmax_equal) / len(self.row_argmax_equal)
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    prompts: list[PromptResult]
+    tier: str = ""  # "exact", "statistical", "within atol" or "FAIL"
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.tier != "FAIL"
+
+
+def compare(prompt: int, mine: torch.Tensor, ref: torch.Tensor) -> PromptResult:
+    diff = (mine.float() - ref.float()).abs()
+    return PromptResult(
+        prompt=prompt,
+        max_abs=diff.max().item(),
+        mean_abs=diff.mean().item(),
+        row_max=diff.amax(dim=-1).tolist(),
+        row_argmax_equal=(mine.argmax(-1) == ref.argmax(-1)).tolist(),
+    )
+
+
+def judge(mode: str, prompts: list[PromptResult], tolerances: dict) -> ModeResult:
+    rule = tolerances[mode]
+    result = ModeResult(mode, prompts)
+    if "atol" in rule:
+        for p in prompts:
+            bad_rows = [i for i, m in enumerate(p.row_max) if m > rule["atol"]]
+            bad_argmax = [i for i, ok in enumerate(p.row_argmax_equal) if not ok]
+            if bad_rows:
+                result.problems.append(f"prompt {p.prompt}: rows {bad_rows} exceed atol {rule['atol']}")
+            if bad_argmax:
+                result.problems.append(f"prompt {p.prompt}: argmax differs on rows {bad_argmax}")
+        result.tier = "FAIL" if result.problems else "within atol"
+        return result
+    if all(p.max_abs <= rule["exact_tier_atol"] for p in prompts):
+        result.tier = "exact"
+        return result
+    for p in prompts:
+        if p.mean_abs > rule["statistical_mean_abs"]:
+            result.problems.append(f"prompt {p.prompt}: mean |diff| {p.mean_abs:.4g} > {rule['statistical_mean_abs']}")
+        if p.argmax_agree < rule["statistical_min_argmax_agree"]:
+            result.problems.append(
+                f"prompt {p.prompt}: argmax agreement {p.argmax_agree:.3f} < {rule['statistical_min_argmax_agree']}"
+            )
+    result.tier = "FAIL" if result.problems else "statistical"
+    return result
+
+
+def model_logits(ckpt: Path, mode: str, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """The reference protocol on the bare model: one-call prefill, then one decode token per call."""
+    model = load_model(ckpt, mode, progress=False)
+    out = []
+    for ids, decode in prompts:
+        cache = ContiguousCache(model.n_cache_layers, model.config.window_size, model.numerics.dtype)
+        rows = [model(ids, [Span(0, len(ids), 0, cache)]).logits[0]]
+        for j, token in enumerate(decode.tolist()):
+            rows.append(model(torch.tensor([token]), [Span(0, 1, len(ids) + j, cache)]).logits[0])
+        out.append(torch.stack(rows))
+    return out
+
+
+def check_mode(
+    vector_dir: Path, manifest: dict, vectors: dict, mode: str, chunk: int | None = None, batch: bool = False
+) -> ModeResult:
+    n_prompts = len(manifest["prompts"])
+    prompts = [(vectors[f"prompt{i}.input_ids"], vectors[f"prompt{i}.decode_ids"]) for i in range(n_prompts)]
+    if chunk is None and not batch:
+        logits = model_logits(vector_dir / manifest["checkpoint"]["dir"], mode, prompts)
+    else:
+        from dsv4.engine.vectors import run_vectors_through_engine
+
+        by_prompt = run_vectors_through_engine(vector_dir, mode, chunk=chunk, batch=batch)
+        logits = [by_prompt[i] for i in range(n_prompts)]
+    results = [compare(i, logits[i], vectors[f"prompt{i}.{mode}.logits"]) for i in range(n_prompts)]
+    return judge(mode, results, manifest["tolerances"])
+
+
+@dataclass
+class KernelResult:
+    name: str
+    max_abs: float
+    bound: float
+    mean_abs: float = 0.0
+    mean_bound: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs <= self.bound and (self.mean_bound is None or self.mean_abs <= self.mean_bound)
+
+
+def check_kernels(path: Path) -> list[KernelResult]:
+    """The kernel-level vectors: quantisers and GEMMs exact, sparse attention and Sinkhorn within bounds."""
+    k = load_file(path)
+
+    def exact(name: str, mine: torch.Tensor, ref: torch.Tensor) -> KernelResult:
+        return KernelResult(name, (mine.float() - ref.float()).abs().max().item(), 0.0)
+
+    q, s = act_quant(k["act_quant.x"], 128)
+    results = [
+        exact("act_quant.q", q, k["act_quant.q"]),
+        exact("act_quant.s", s, k["act_quant.s"]),
+    ]
+    x = k["kv_fp8_sim.x"]
+    nope = x.shape[-1] - 64
+    results.append(
+        exact("kv_fp8_sim.y", torch.cat([fp8_simulate(x[:, :nope], 64), x[:, nope:]], -1), k["kv_fp8_sim.y"])
+    )
+    results.append(exact("fp4_sim.y", fp4_simulate(k["fp4_sim.x"]), k["fp4_sim.y"]))
+    results.append(exact("hadamard.y", hadamard(k["hadamard.x"]), k["hadamard.y"]))
+    for name, dequant in (("fp8_linear", dequant_fp8_weight), ("fp4_linear", dequant_fp4_weight)):
+        x = k[f"{name}.x"]
+        w = dequant(k[f"{name}.weight"], k[f"{name}.weight_scale"])
+        y = torch.nn.functional.linear(fp8_simulate(x, 128).float(), w).to(x.dtype)
+        results.append(exact(f"{name}.y", y, k[f"{name}.y"]))
+    o = sparse_attention(
+        k["sparse_attn.q"][0],
+        k["sparse_attn.kv"][0],
+        k["sparse_attn.topk_idxs"][0].long(),
+        k["sparse_attn.attn_sink"],
+        k["sparse_attn.softmax_scale"].item(),
+    )
+    diff = (o.float() - k["sparse_attn.o"][0].float()).abs()
+    results.append(KernelResult("sparse_attn.o", diff.max().item(), 1.6e-2, diff.mean().item(), 2e-3))
+    hc = k["hc_split_sinkhorn.pre"].shape[-1]
+    pre, post, comb = sinkhorn_split(
+        k["hc_split_sinkhorn.mixes"], k["hc_split_sinkhorn.hc_scale"], k["hc_split_sinkhorn.hc_base"], hc, 20, 1e-6
+    )
+    for name, mine in (("pre", pre), ("post", post), ("comb", comb)):
+        diff = (mine - k[f"hc_split_sinkhorn.{name}"]).abs().max().item()
+        results.append(KernelResult(f"hc_split_sinkhorn.{name}", diff, 1e-6))
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    vector_dir = Path(args.dir)
+    manifest_path = vector_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise ValueError(f"{vector_dir} is not a vector set: no manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    modes = args.mode or list(manifest["modes"])
+    unknown = [m for m in modes if m not in manifest["modes"]]
+    if unknown:
+        raise ValueError(f"mode(s) {unknown} not in this vector set; it has {list(manifest['modes'])}")
+    vectors = load_file(vector_dir / manifest["vectors"]["file"])
+    failed = False
+    how = (
+        f"engine, prefill chunks of {args.chunk}"
+        if args.chunk
+        else "engine, one ragged batch"
+        if args.batch
+        else "model"
+    )
+    for mode in modes:
+        result = check_mode(vector_dir, manifest, vectors, mode, chunk=args.chunk, batch=args.batch)
+        print(f"{mode} ({how}): {result.tier}")
+        for p in result.prompts:
+            decode = p.row_max[1:]
+            print(
+                f"  prompt {p.prompt}: max |diff| {p.max_abs:.3g}, mean {p.mean_abs:.3g}, argmax agreement "
+                f"{p.argmax_agree:.3f}; prefill row max {p.row_max[0]:.3g} (argmax "
+                f"{'same' if p.row_argmax_equal[0] else 'DIFFERENT'}); decode rows max {max(decode):.3g}"
+            )
+            if args.verbose:
+                for j, (m, ok) in enumerate(zip(decode, p.row_argmax_equal[1:], strict=True)):
+                    print(f"    decode {j:2d}: max |diff| {m:.3g}, argmax {'same' if ok else 'DIFFERENT'}")
+        for problem in result.problems:
+            print(f"  FAIL: {problem}")
+        failed |= not result.passed
+    if not args.no_kernels:
+        print("kernels:")
+        for k in check_kernels(vector_dir / "kernels.safetensors"):
+            bound = "exact" if k.bound == 0 else f"<= {k.bound:g}"
+            status = "ok" if k.passed else "FAIL"
+            print(f"  {k.name:<24} max |diff| {k.max_abs:.3g} ({bound}) {status}")
+            failed |= not k.passed
+    print("FAILED" if failed else "all checks passed")
+    return 1 if failed else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-vectors", help="check the model against a reference-vector set")
+    p.add_argument("dir", help="vector set directory (manifest.json, vectors.safetensors, kernels.safetensors, ckpt/)")
+    p.add_argument("--mode", action="append", help="numerics mode to check (repeatable; default: every mode)")
+    p.add_argument("--chunk", type=int, help="run through the engine, prefilling in chunks of N tokens")
+    p.add_argument("--batch", action="store_true", help="run through the engine, all prompts in one ragged batch")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel-level vectors")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every decode step")
+    p.set_defaults(func=run)
