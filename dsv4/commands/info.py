@@ -1,0 +1,31 @@
+"""``dsv4 info MODEL``: the layer schedule and the sizes that follow from a config (preset or directory)."""
+
+from __future__ import annotations
+
+import argparse
+
+from dsv4.cache.layout import bytes_per_token, state_bytes_per_sequence
+from dsv4.config import load_config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.model)
+    kinds = [spec.kind.value for spec in config.layers]
+    print(
+        f"{args.model}: {config.n_layers} layers ({kinds.count('window')} window-only, {kinds.count('csa')} CSA, "
+        f"{kinds.count('hca')} HCA) + {config.n_mtp_layers} MTP; dim {config.dim}, {config.n_heads} heads x "
+        f"{config.head_dim}, {config.n_routed_experts} experts (top {config.n_activated_experts}), "
+        f"vocab {config.vocab_size}"
+    )
+    print(config.describe())
+    for mode in ("bf16_official", "fp32_nosim"):
+        per_token = float(bytes_per_token(config, mode).total)
+        state = state_bytes_per_sequence(config, mode).total
+        print(f"cache ({mode}): {per_token:,.1f} B per token + {state / 2**20:,.1f} MiB fixed state per sequence")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="show a model's layer schedule and cache sizes")
+    p.add_argument("model", help="a preset (v4-flash, v4-pro) or a directory with config.json")
+    p.set_defaults(func=run)
