@@ -21,6 +21,17 @@ VALID_RATIOS = (0, 4, 128)
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
+# Errors name the field as it appears in config.json, not our internal name.
+_HF_NAMES = {
+    "dim": "hidden_size",
+    "moe_inter_dim": "moe_intermediate_size",
+    "n_heads": "num_attention_heads",
+    "rope_head_dim": "qk_rope_head_dim",
+    "window_size": "sliding_window",
+    "n_hash_layers": "num_hash_layers",
+    "n_activated_experts": "num_experts_per_tok",
+}
+
 
 class ConfigError(ValueError):
     """A config field has a value the model cannot be built from; the message names the field."""
@@ -259,7 +270,7 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         def bad(name: str, value: Any, why: str) -> ConfigError:
-            return ConfigError(f"config field '{name}' = {value!r}: {why}")
+            return ConfigError(f"config field '{_HF_NAMES.get(name, name)}' = {value!r}: {why}")
 
         n_ratios = self.n_layers + self.n_mtp_layers
         if len(self.compress_ratios) != n_ratios:
@@ -276,15 +287,6 @@ class ModelConfig:
             v = getattr(self, name)
             if v <= 0 or v % QUANT_BLOCK:
                 raise bad(name, v, f"must be a positive multiple of {QUANT_BLOCK} (quantisation blocks)")
-        if self.n_heads * self.head_dim % (self.o_groups * QUANT_BLOCK):
-            raise bad(
-                "o_groups",
-                self.o_groups,
-                f"n_heads*head_dim = {self.n_heads * self.head_dim} must split into o_groups groups "
-                f"of a multiple of {QUANT_BLOCK}",
-            )
-        if self.n_heads % self.o_groups:
-            raise bad("o_groups", self.o_groups, f"must divide num_attention_heads ({self.n_heads})")
         if self.rope_head_dim <= 0 or self.rope_head_dim % 2:
             raise bad("qk_rope_head_dim", self.rope_head_dim, "must be a positive even number")
         nope = self.head_dim - self.rope_head_dim
@@ -294,6 +296,15 @@ class ModelConfig:
                 self.head_dim,
                 f"head_dim - qk_rope_head_dim = {nope} must be a positive multiple of {KV_FP8_BLOCK} (FP8 KV blocks)",
             )
+        if self.n_heads * self.head_dim % (self.o_groups * QUANT_BLOCK):
+            raise bad(
+                "o_groups",
+                self.o_groups,
+                f"n_heads*head_dim = {self.n_heads * self.head_dim} must split into o_groups groups "
+                f"of a multiple of {QUANT_BLOCK}",
+            )
+        if self.n_heads % self.o_groups:
+            raise bad("o_groups", self.o_groups, f"must divide num_attention_heads ({self.n_heads})")
         idx = self.index_head_dim
         if idx <= self.rope_head_dim or idx % FP4_BLOCK or idx & (idx - 1):
             raise bad(
