@@ -163,3 +163,14 @@ def test_all_invalid_bf16() -> None:
     q, kv, _, sink, scale = random_case(seed=5)
     o = sparse_attention(q.bfloat16(), kv.bfloat16(), torch.full((q.shape[0], 128), -1), sink, scale)
     assert o.dtype == torch.bfloat16 and torch.equal(o.float(), torch.zeros(o.shape))
+
+
+def test_long_prefills_are_split_into_query_passes_without_changing_the_result(monkeypatch):
+    import dsv4.model.sparse_attention as module
+
+    g = torch.Generator().manual_seed(11)
+    q, kv = torch.randn(300, 4, 64, generator=g), torch.randn(500, 64, generator=g)
+    idx, sink = torch.randint(-1, 500, (300, 130), generator=g), torch.randn(4, generator=g)
+    whole = sparse_attention(q, kv, idx, sink, 0.125)
+    monkeypatch.setattr(module, "QUERY_CHUNK_ELEMENTS", 64 * 64 * 7)  # passes of 7 queries
+    assert torch.equal(sparse_attention(q, kv, idx, sink, 0.125), whole)

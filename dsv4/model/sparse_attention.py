@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 
 BLOCK = 64
+# Queries per pass: each pass gathers [queries, 64, D] keys per block, so a long prefill is cut into passes
+# that keep that gather around 32 MB in fp32 (queries are independent; the result does not depend on it).
+QUERY_CHUNK_ELEMENTS = 1 << 23
 
 
 def sparse_attention(
@@ -27,6 +30,11 @@ def sparse_attention(
     Vectorised over queries and heads; only the K/64 index blocks are looped over, so the working set is
     O(T·64·D + T·H·64) per block and never O(T·N).
     """
+    chunk = max(1, QUERY_CHUNK_ELEMENTS // (BLOCK * q.shape[-1]))
+    if q.shape[0] > chunk:
+        return torch.cat(
+            [sparse_attention(q[i : i + chunk], kv, idx[i : i + chunk], sink, scale) for i in range(0, len(q), chunk)]
+        )
     t_len, n_heads, dim = q.shape
     p_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     qf = q.float()
