@@ -12,6 +12,8 @@ COMMAND_MODULES = [
     "dsv4.commands.info",
     "dsv4.commands.check_vectors",
     "dsv4.chat.commands",
+    "dsv4.engine.commands",
+    "dsv4.server.commands",
     "dsv4.costs",
 ]
 

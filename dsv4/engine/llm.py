@@ -1,0 +1,325 @@
+"""The public engine: ``LLM(model).generate(prompts, params)``, token streams, and the
+``add_request``/``step``/``abort`` loop a server drives.
+
+A step schedules (``scheduler.py``), runs one flattened forward and samples (``runner.py``), then appends
+each sampled token to its sequence (``sequence.py``), which detokenises it, holds back text that may still
+become a stop string, and decides whether it has finished. Finished sequences give their cache back in
+the same step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dsv4.cache import layout
+from dsv4.cache.pool import KVPool
+from dsv4.chat.tokenizer import TOKENIZER_FILE, ChatTokenizer, load_tokenizer
+from dsv4.checkpoint import load_checkpoint, open_checkpoint_config
+from dsv4.config import PRESETS_DIR, ModelConfig
+from dsv4.engine.runner import ModelRunner
+from dsv4.engine.sampler import SampledToken, Sampler
+from dsv4.engine.sampling import SamplingParams
+from dsv4.engine.scheduler import Scheduler, SchedulerOutput
+from dsv4.engine.sequence import Sequence
+from dsv4.model.loading import default_numerics
+from dsv4.model.numerics import get_numerics
+from dsv4.model.transformer import Transformer
+
+Prompt = str | Seq[int]
+
+# Without num_blocks or kv_cache_bytes, the pool holds max_num_seqs sequences of this many tokens (or of
+# the model's whole context if shorter): a default that fits a host, not one that fills an accelerator.
+DEFAULT_CACHE_TOKENS_PER_SEQUENCE = 16384
+# A prefill progress bar is worth drawing once the prompts take more than this many steps.
+PROGRESS_MIN_CHUNKS = 4
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    arrival_time: float  # time.monotonic() seconds
+    first_token_time: float | None
+    finish_time: float | None
+    num_preemptions: int
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A request's state after a step: cumulative text and tokens, plus what is new since the last one."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    delta_text: str
+    delta_token_ids: list[int]
+    logprobs: list[SampledToken] | None  # per output token, when the request asked for logprobs
+    finished: bool
+    finish_reason: str | None  # "stop", "length" or "abort"
+    stop_reason: str | int | None  # the stop string or stop token that matched
+    metrics: RequestMetrics
+    logits: torch.Tensor | None = None  # [len(token_ids), vocab], with capture_logits
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+def _output(seq: Sequence) -> RequestOutput:
+    delta_ids, delta_text = seq.take_delta()
+    return RequestOutput(
+        request_id=seq.request_id,
+        prompt=seq.prompt,
+        prompt_token_ids=seq.prompt_ids,
+        text=seq.text,
+        token_ids=list(seq.output_ids),
+        delta_text=delta_text,
+        delta_token_ids=delta_ids,
+        logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+        finished=seq.finished,
+        finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+        stop_reason=seq.stop_reason,
+        metrics=RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_preemptions),
+        logits=torch.stack(seq.logits) if seq.logits else None,
+    )
+
+
+def _eos_ids(path: Path, config: ModelConfig, tokenizer: ChatTokenizer | None) -> list[int]:
+    """EOS as generation_config.json declares it (an id or a list), else config.json's, plus the tokenizer's."""
+    ids: set[int] = {config.eos_token_id}
+    generation = path / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        if eos is not None:
+            ids = set(eos) if isinstance(eos, list) else {eos}
+    if tokenizer is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+class LLM:
+    """An engine over one model: continuous batching, chunked prefill and a paged KV pool.
+
+    ``model`` is a checkpoint directory (config.json, safetensors, tokenizer.json) or a preset name, which
+    gives the shapes only: such an engine describes the model but refuses to generate. ``numerics``
+    defaults to ``bf16_official`` for FP8 checkpoints and ``fp32_nosim`` for plain ones. The pool has
+    ``num_blocks`` blocks of ``block_tokens`` tokens, or as many as fit in ``kv_cache_bytes`` next to the
+    ``max_num_seqs`` fixed-size state slots. ``seed`` drives the requests that have no seed of their own.
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        numerics: str | None = None,
+        *,
+        max_num_seqs: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_bytes: int | None = None,
+        block_tokens: int = layout.DEFAULT_BLOCK_TOKENS,
+        chunk_size: int = 2048,
+        max_num_batched_tokens: int | None = None,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        self.progress = progress
+        self.model: Transformer | None = None
+        self.tokenizer: ChatTokenizer | None = None
+        path = Path(model)
+        if isinstance(model, str) and not path.exists() and (PRESETS_DIR / f"{model}.json").exists():
+            self.source = f"preset {model!r}"
+            self.config = ModelConfig.preset(model)
+        elif path.is_dir():
+            self.source = str(path)
+            self.config = open_checkpoint_config(path)
+        else:
+            presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.json")))
+            raise ValueError(f"{model}: not a checkpoint directory nor a preset ({presets})")
+        self.numerics = get_numerics(numerics or default_numerics(self.config)).name
+        self.max_model_len = min(
+            max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings
+        )
+        self.pool: KVPool | None = None
+        self.scheduler: Scheduler | None = None
+        if self.source.startswith("preset"):
+            return
+
+        layout.check_block_tokens(block_tokens)
+        if num_blocks is None:
+            num_blocks = self._blocks_for(kv_cache_bytes, max_num_seqs, block_tokens)
+        self.model = Transformer(self.config, self.numerics)
+        load_checkpoint(self.model.state_dict(), path, progress=progress)
+        self.model.weights_loaded()
+        if (path / TOKENIZER_FILE).is_file():
+            self.tokenizer = load_tokenizer(path)
+        self.eos_token_ids = _eos_ids(path, self.config, self.tokenizer)
+        self.pool = KVPool(self.config, self.numerics, num_blocks, block_tokens, max_sequences=max_num_seqs)
+        self.chunk_size = chunk_size
+        self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens or chunk_size, chunk_size)
+        self.runner = ModelRunner(self.model, Sampler(torch.Generator().manual_seed(seed)))
+        self._requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    def _blocks_for(self, kv_cache_bytes: int | None, max_num_seqs: int, block_tokens: int) -> int:
+        if kv_cache_bytes is None:
+            tokens = min(self.max_model_len, DEFAULT_CACHE_TOKENS_PER_SEQUENCE)
+            return max_num_seqs * layout.blocks_for(tokens, block_tokens)
+        slots = max_num_seqs * layout.state_bytes_per_sequence(self.config, self.numerics).total
+        block = layout.block_bytes(self.config, self.numerics, block_tokens).total
+        blocks = (kv_cache_bytes - slots) // block
+        if blocks < 1:
+            raise ValueError(
+                f"kv_cache_bytes={kv_cache_bytes} leaves no room for a block ({block} B) next to "
+                f"{max_num_seqs} sequence state slots ({slots} B)"
+            )
+        return blocks
+
+    # ------------------------------------------------------------------ requests
+    def _engine(self) -> tuple[Transformer, Scheduler]:
+        if self.model is None or self.scheduler is None:
+            raise ValueError(f"{self.source} has shapes only, no weights: pass a checkpoint directory to generate")
+        return self.model, self.scheduler
+
+    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.source} has no {TOKENIZER_FILE}: pass prompts as token ids")
+            ids = self.tokenizer.encode(prompt)
+            text: str | None = prompt
+        else:
+            ids, text = list(prompt), None
+        vocab = self.config.vocab_size
+        if not ids:
+            raise ValueError("empty prompt")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in a {self.max_model_len}-token context")
+        return text, ids
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        *,
+        forced_token_ids: Seq[int] | None = None,
+        capture_logits: bool = False,
+    ) -> str:
+        """Queue a request and return its id. ``forced_token_ids`` feed these tokens instead of sampled ones
+        (teacher forcing); ``capture_logits`` keeps each sampling step's logits row in the outputs."""
+        _, scheduler = self._engine()
+        params = params or SamplingParams()
+        params.validate()
+        text, ids = self._prompt_ids(prompt)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        detokenizer = self.tokenizer.incremental_detokenizer() if self.tokenizer is not None else None
+        seq = Sequence(
+            request_id,
+            ids,
+            params,
+            self.eos_token_ids,
+            self.max_model_len,
+            detokenizer=detokenizer,
+            prompt=text,
+            forced_ids=forced_token_ids,
+            capture_logits=capture_logits,
+        )
+        scheduler.add(seq)
+        self._requests[request_id] = seq
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Finish a request now and free its cache; unknown or finished ids are ignored."""
+        seq = self._requests.pop(request_id, None)
+        if seq is not None and self.scheduler is not None:
+            self.scheduler.abort(seq)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler is not None and self.scheduler.has_unfinished
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; outputs of the requests that got new tokens or finished in it."""
+        return self._step()[0]
+
+    def _step(self) -> tuple[list[RequestOutput], SchedulerOutput]:
+        _, scheduler = self._engine()
+        scheduled = scheduler.schedule()
+        results = self.runner.run(scheduled.chunks)
+        for r in results:
+            r.chunk.seq.append(r.token, r.logits)
+        finished = scheduler.update(scheduled.chunks) + scheduled.finished
+        changed = list({id(s): s for s in [*(r.chunk.seq for r in results), *finished]}.values())
+        for seq in finished:
+            self._requests.pop(seq.request_id, None)
+        return [_output(s) for s in changed], scheduled
+
+    # ------------------------------------------------------------------ driving the loop
+    def _run(self, seqs: list[Sequence]) -> Iterator[RequestOutput]:
+        """Step until ``seqs`` finish, yielding their outputs; a progress bar for long prefills."""
+        mine = {id(s) for s in seqs}
+        request_ids = {s.request_id for s in seqs}
+        prompt_tokens = sum(len(s.prompt_ids) for s in seqs)
+        bar = None
+        if self.progress and prompt_tokens > PROGRESS_MIN_CHUNKS * self.chunk_size:
+            bar = tqdm(total=prompt_tokens, unit="tok", desc="prefill", leave=False)
+        try:
+            while not all(s.finished for s in seqs):
+                outputs, scheduled = self._step()
+                if bar is not None:
+                    done = sum(
+                        min(c.start + c.length, len(c.seq.prompt_ids)) - c.start
+                        for c in scheduled.chunks
+                        if id(c.seq) in mine and c.start < len(c.seq.prompt_ids)
+                    )
+                    bar.update(min(done, bar.total - bar.n))
+                yield from (o for o in outputs if o.request_id in request_ids)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def generate(
+        self, prompts: Prompt | Seq[Prompt], sampling_params: SamplingParams | Seq[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Complete every prompt (text, or token ids) and return the final outputs in prompt order."""
+        self._engine()
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        batch: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(batch)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(batch):
+                raise ValueError(f"{len(batch)} prompts but {len(params)} sampling params")
+        ids = [self.add_request(p, sp) for p, sp in zip(batch, params, strict=True)]
+        seqs = [self._requests[i] for i in ids]
+        try:
+            for _ in self._run(seqs):
+                pass
+        finally:
+            for s in seqs:
+                if not s.finished:
+                    self.abort(s.request_id)
+        return [_output(s) for s in seqs]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Outputs of one request as it progresses (``delta_text`` is safe to show: text that may still be
+        part of a stop string is held back). Closing the iterator early aborts the request."""
+        request_id = self.add_request(prompt, params)
+        seq = self._requests[request_id]
+        try:
+            yield from self._run([seq])
+        finally:
+            if not seq.finished:
+                self.abort(request_id)

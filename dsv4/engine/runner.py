@@ -1,0 +1,62 @@
+"""One engine step on the model: flatten the scheduled chunks into one batch, run it, sample.
+
+All chunks - prefill chunks of any length and one-token decodes of different sequences - go through a
+single forward as spans of one flattened token tensor. Logits are computed only for the rows that are
+sampled (the last row of each chunk that reaches its sequence's last known token): the head is a
+[rows x vocab] GEMM, and a long prefill chunk must not pay it for every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.engine.sampler import SampledToken, Sampler
+from dsv4.engine.scheduler import Chunk
+from dsv4.model.attention import Span
+from dsv4.model.transformer import Transformer
+
+
+@dataclass
+class StepResult:
+    chunk: Chunk
+    token: SampledToken
+    logits: torch.Tensor  # fp32 [vocab], the row the token was sampled from
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, sampler: Sampler):
+        self.model, self.sampler = model, sampler
+
+    def run(self, chunks: list[Chunk]) -> list[StepResult]:
+        """Forward every chunk and sample the chunks that complete their sequence's known tokens."""
+        ids: list[int] = []
+        spans: list[Span] = []
+        rows: list[int] = []
+        sampling: list[Chunk] = []
+        for chunk in chunks:
+            seq = chunk.seq
+            assert seq.cache is not None and chunk.start == seq.num_computed
+            spans.append(Span(len(ids), chunk.length, chunk.start, seq.cache))
+            ids += seq.token_ids(chunk.start, chunk.start + chunk.length)
+            if chunk.samples:
+                rows.append(len(ids) - 1)
+                sampling.append(chunk)
+        if not spans:
+            return []
+        logits = self.model(torch.tensor(ids), spans, torch.tensor(rows, dtype=torch.long)).logits
+        if not sampling:
+            return []
+        states = [c.seq.sampling for c in sampling]
+        tokens = self.sampler(logits, states).rows()
+        results = []
+        for i, (chunk, token) in enumerate(zip(sampling, tokens, strict=True)):
+            forced = chunk.seq.forced_token()
+            if forced is not None and forced != token.token_id:
+                logprob = None
+                if token.logprob is not None:
+                    logprob = torch.log_softmax(logits[i], dim=-1)[forced].item()
+                token = SampledToken(forced, logprob, token.top)
+            results.append(StepResult(chunk, token, logits[i]))
+        return results

@@ -1,0 +1,133 @@
+"""``dsv4 serve``: the engine behind an OpenAI- and Anthropic-compatible HTTP API.
+
+Imports of the engine, torch and the web stack happen when the command runs, so ``dsv4 --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+TINY_RANDOM = "tiny-random"
+
+log = logging.getLogger("dsv4.server")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv4"
+
+
+def resolve_model(model: str) -> str:
+    """``tiny-random`` -> a random tiny checkpoint with a test tokenizer, written once into the cache.
+
+    It is written to a temporary directory and renamed into place, so a server killed mid-write, or two
+    servers starting at once, never leave a half-written model behind.
+    """
+    if model != TINY_RANDOM:
+        return model
+    target = cache_dir() / TINY_RANDOM
+    if not target.is_dir():
+        from dsv4.tiny import write_random_checkpoint
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log.info("writing the %s model to %s (once)", TINY_RANDOM, target)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{TINY_RANDOM}-", dir=target.parent))
+        try:
+            write_random_checkpoint(scratch / "model")
+            os.replace(scratch / "model", target)
+        except OSError:
+            if not target.is_dir():  # not just another server winning the race
+                raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return str(target)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from dsv4.engine.llm import LLM
+    from dsv4.server.app import configure_logging, create_app
+    from dsv4.server.engine_client import LLMEngineClient
+    from dsv4.server.serving import ServerConfig
+
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    configure_logging(args.log_level)
+    llm = LLM(
+        resolve_model(args.model),
+        args.numerics,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_bytes=args.kv_cache_bytes,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+    )
+    if llm.model is None:
+        raise ValueError(f"{args.model} is a preset with shapes only: serve a checkpoint directory or {TINY_RANDOM}")
+    engine = LLMEngineClient(llm, max_queue=args.max_queue)
+    names = tuple(args.served_model_name or [Path(args.model).name or args.model])
+    app = create_app(engine, ServerConfig(model_names=names, default_thinking=args.thinking == "on"))
+    if not _is_loopback(args.host):
+        log.warning("listening on %s: the API has no authentication, anyone who can reach it can use it", args.host)
+    log.info(
+        "OpenAI base URL http://%s:%d/v1, Anthropic base URL http://%s:%d", args.host, args.port, args.host, args.port
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    # uvicorn drains on SIGTERM, then re-raises the signal with the handler it found installed; a no-op
+    # one lets a graceful shutdown end with status 0 instead of death by signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over OpenAI- and Anthropic-compatible HTTP APIs",
+        description="Serve a checkpoint at /v1/chat/completions, /v1/completions and /v1/messages, with "
+        "/v1/models, /health and Prometheus /metrics. Binds the loopback interface unless --host says otherwise.",
+    )
+    p.add_argument("--model", default=TINY_RANDOM, help=f"checkpoint directory, or {TINY_RANDOM} (the default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        metavar="NAME",
+        help="model names clients may ask for (the first is reported); default: the --model name",
+    )
+    p.add_argument("--numerics", default=None, help="bf16_official, fp32_sim or fp32_nosim (default: by checkpoint)")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences the engine runs at once")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait beyond those; then 429")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="size the KV pool to this many bytes")
+    p.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
+    p.add_argument(
+        "--thinking",
+        choices=("on", "off"),
+        default="on",
+        help="OpenAI requests that neither switch thinking nor set reasoning_effort think by default",
+    )
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain requests on SIGTERM")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=_serve)
