@@ -99,11 +99,7 @@ class Flops:
 
     @property
     def fp8_equivalent(self) -> Fraction:
-        return (
-            PARAM_WEIGHT * self.parameters
-            + CORE_WEIGHT * self.core_attention
-            + self.indexer_weight * self.indexer
-        )
+        return PARAM_WEIGHT * self.parameters + CORE_WEIGHT * self.core_attention + self.indexer_weight * self.indexer
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -369,9 +365,7 @@ def kv_table(costs: list[ModelCosts], context: int, baselines: tuple[str, ...]) 
     if with_gqa:
         for layers in sorted({c.config.n_layers for c in costs}):
             total = gqa8_kv_bytes_per_token(layers)
-            rows.append(
-                [f"GQA-8 x{layers}", str(layers), "-", "-", "-", _bytes(total), _gib(total * context)]
-            )
+            rows.append([f"GQA-8 x{layers}", str(layers), "-", "-", "-", _bytes(total), _gib(total * context)])
             rows[-1] += [""] * n_ratios
     headers = ["model", "win/CSA/HCA", "CSA/MLA entries", "idx keys", "HCA entries", "B/token", "GiB at L"]
     headers += ["vs V3.2"] * with_v32 + ["vs GQA-8"] * with_gqa
@@ -456,8 +450,7 @@ def render_plain(tables: list[Table], notes: tuple[str, ...]) -> str:
         lines.append(title)
         for row in [headers, *rows]:
             cells = [
-                c.ljust(w) if i < text_columns else c.rjust(w)
-                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+                c.ljust(w) if i < text_columns else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
             ]
             lines.append("  ".join(cells).rstrip())
         lines.append("")
@@ -512,9 +505,7 @@ def plot(models: dict[str, ModelConfig], path: str | Path, context: int, baselin
 
     top = max(context, PLOT_MAX_CONTEXT)
     steps = 160
-    contexts = sorted(
-        {round(PLOT_MIN_CONTEXT * (top / PLOT_MIN_CONTEXT) ** (i / steps)) for i in range(steps + 1)}
-    )
+    contexts = sorted({round(PLOT_MIN_CONTEXT * (top / PLOT_MIN_CONTEXT) ** (i / steps)) for i in range(steps + 1)})
     series = _series(models, contexts, baselines)
     reference = series[0] if "v3.2" in baselines else None
 

@@ -72,9 +72,7 @@ def test_flops_table(context: int, expected: dict[str, tuple[float, ...]]) -> No
         got[name] = costs.model_costs(name, load_config(name), context).flops
     for name, (params, core, indexer, total) in expected.items():
         f = got[name]
-        assert [
-            round(float(x) / 1e9, 1) for x in (f.parameters, f.core_attention, f.indexer, f.fp8_equivalent)
-        ] == [
+        assert [round(float(x) / 1e9, 1) for x in (f.parameters, f.core_attention, f.indexer, f.fp8_equivalent)] == [
             params,
             core,
             indexer,
@@ -114,9 +112,7 @@ def test_dsv4_storage_per_token(flash: ModelConfig) -> None:
     assert layout.entry_format(flash, "fp32_nosim").nbytes == 2048
     assert layout.indexer_key_format(flash, "fp32_sim").nbytes == 68
     assert layout.indexer_key_format(flash, "fp32_nosim").nbytes == 512
-    assert layout.bytes_per_token(flash, "bf16_official").total == 21 * Fraction(583 + 68, 4) + 20 * Fraction(
-        583, 128
-    )
+    assert layout.bytes_per_token(flash, "bf16_official").total == 21 * Fraction(583 + 68, 4) + 20 * Fraction(583, 128)
 
 
 def test_activated_params(flash: ModelConfig, pro: ModelConfig, tiny: ModelConfig) -> None:
@@ -288,9 +284,7 @@ def test_cli_table(capsys: pytest.CaptureFixture[str]) -> None:
 def test_plain_tables() -> None:
     configs = {"v4-flash": load_config("v4-flash")}
     mc = [costs.model_costs(name, cfg, 2**20) for name, cfg in configs.items()]
-    text = costs.render_plain(
-        [costs.kv_table(mc, 2**20, ("gqa8",)), costs.storage_table(mc, 2**20)], ("note",)
-    )
+    text = costs.render_plain([costs.kv_table(mc, 2**20, ("gqa8",)), costs.storage_table(mc, 2**20)], ("note",))
     assert "GQA-8 x43" in text and "V3.2" not in text and "bf16_official" in text and "  - note" in text
 
 

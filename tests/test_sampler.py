@@ -410,9 +410,7 @@ def test_stop_strings_are_ignored_until_can_stop():
 def test_stop_detection_is_independent_of_chunking():
     rng = random.Random(9)
     for _ in range(400):
-        stops = [
-            "".join(rng.choice("ab") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))
-        ]
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
         text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 20)))
         cuts = sorted(rng.sample(range(1, len(text)), k=min(rng.randint(0, 6), max(len(text) - 1, 0))))
         deltas = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]

@@ -70,9 +70,7 @@ class Segment:
         if self.fmt not in FORMATS:
             raise ValueError(f"unknown storage format {self.fmt!r}; known: {', '.join(FORMATS)}")
         if self.values % FORMATS[self.fmt][1]:
-            raise ValueError(
-                f"segment {self.name!r}: {self.values} {self.fmt} values do not fill whole elements"
-            )
+            raise ValueError(f"segment {self.name!r}: {self.values} {self.fmt} values do not fill whole elements")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -235,9 +233,7 @@ def frontiers(config: ModelConfig, spec: LayerSpec) -> tuple[Frontier, ...]:
 
 def check_block_tokens(block_tokens: int) -> int:
     if block_tokens <= 0 or block_tokens % BLOCK_TOKEN_MULTIPLE:
-        raise ValueError(
-            f"block_tokens must be a positive multiple of {BLOCK_TOKEN_MULTIPLE}, got {block_tokens}"
-        )
+        raise ValueError(f"block_tokens must be a positive multiple of {BLOCK_TOKEN_MULTIPLE}, got {block_tokens}")
     return block_tokens
 
 
@@ -296,9 +292,7 @@ def blocks_for(context: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> int:
     return -(-context // block_tokens)
 
 
-def sequence_bytes(
-    config: ModelConfig, mode: str, context: int, block_tokens: int = DEFAULT_BLOCK_TOKENS
-) -> int:
+def sequence_bytes(config: ModelConfig, mode: str, context: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> int:
     """Everything the engine allocates for one sequence of ``context`` tokens: fixed state plus its blocks."""
     return (
         state_bytes_per_sequence(config, mode).total

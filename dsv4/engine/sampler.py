@@ -37,9 +37,7 @@ from dsv4.engine.sampling import SamplingParams
 _NEG_INF = float("-inf")
 
 
-def _column(
-    values: list[float] | list[int], device: torch.device, dtype: torch.dtype = torch.float32
-) -> Tensor:
+def _column(values: list[float] | list[int], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
     """Per-row parameters as a [B, 1] tensor, to broadcast against [B, V]."""
     return torch.tensor(values, dtype=dtype, device=device)[:, None]
 

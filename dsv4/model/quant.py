@@ -223,9 +223,7 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, simulate: bool) -> t
     return F.linear(xs, weight.float()).to(x.dtype)
 
 
-def pack_fp8_entries(
-    x: torch.Tensor, nope: int, block: int = 64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_fp8_entries(x: torch.Tensor, nope: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compact KV storage: e4m3 bytes + e8m0 scales for the first ``nope`` dims, the RoPE dims as is.
 
     Quantises with the same block as the KV simulation, so unpacking yields exactly ``fp8_simulate``'s
@@ -235,9 +233,7 @@ def pack_fp8_entries(
     return q, float_to_e8m0(s), x[..., nope:]
 
 
-def unpack_fp8_entries(
-    q: torch.Tensor, s: torch.Tensor, rope: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
+def unpack_fp8_entries(q: torch.Tensor, s: torch.Tensor, rope: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of ``pack_fp8_entries``: the fp8-simulated non-RoPE dims followed by the RoPE dims."""
     block = q.shape[-1] // s.shape[-1]
     nope = (_blocks(q.float(), block) * e8m0_to_float(s).unsqueeze(-1)).reshape(q.shape).to(dtype)
