@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsv4.cache.view import LayerCache, SequenceCache
@@ -95,11 +96,24 @@ class Attention(nn.Module):
         if self.numerics.simulate:  # FP8 for the non-RoPE dims; the RoPE dims keep their precision
             kv = torch.cat([fp8_simulate(kv[:, : self.nope], KV_FP8_BLOCK), kv[:, self.nope :]], dim=-1)
 
-        o = torch.empty_like(q)
+        # Everything that is per token runs on the whole batch; only what reads or grows a sequence's cache
+        # walks the spans. Each span contributes its keys to one KV tensor and its queries' index lists
+        # (padded with -1) to one attention call.
+        compressed = self.compressor.project(x) if self.spec.compress_ratio else None
+        indexed = None
+        if self.spec.kind == LayerKind.CSA:
+            indexed = (*self.indexer.project(x, qr, cis), self.indexer.compressor.project(x))
+        keys, lists = [], []
+        n_keys = 0
         for span in spans:
-            rows = span.rows
-            cache = span.cache.layer(self.layer_index)
-            o[rows] = self._attend(x[rows], qr[rows], q[rows], kv[rows], cis[rows], span.pos0, cache)
+            rows, cache = span.rows, span.cache.layer(self.layer_index)
+            span_keys, span_lists = self._gather(rows, kv, compressed, indexed, span.pos0, cache)
+            keys.append(span_keys)
+            lists.append(torch.where(span_lists >= 0, span_lists + n_keys, -1))
+            n_keys += len(span_keys)
+        width = max(lst.shape[1] for lst in lists)
+        indices = torch.cat([F.pad(lst, (0, width - lst.shape[1]), value=-1) for lst in lists])
+        o = sparse_attention(q, torch.cat(keys), indices, self.attn_sink, self.softmax_scale)
 
         o = self.rotary.rotate(o, cis, inverse=True)
         o = o.view(len(x), self.n_groups, -1)
@@ -107,40 +121,42 @@ class Attention(nn.Module):
         o = torch.einsum("bsgd,grd->bsgr", o[None], wo_a)[0]
         return self.wo_b(o.flatten(1))
 
-    def _attend(
+    def _gather(
         self,
-        x: torch.Tensor,
-        qr: torch.Tensor,
-        q: torch.Tensor,
+        rows: slice,
         kv: torch.Tensor,
-        cis: torch.Tensor,
+        compressed: tuple[torch.Tensor, torch.Tensor] | None,
+        indexed: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None,
         pos0: int,
         cache: LayerCache,
-    ) -> torch.Tensor:
-        """One sequence's chunk of s tokens at positions [pos0, pos0 + s)."""
-        s = len(x)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's chunk at positions [pos0, pos0 + s): update its cache and return the keys its
+        queries may see (window rows, then compressed entries) with each query's index list into them."""
+        kv = kv[rows]
+        s = len(kv)
         before = cache.window(pos0)
         keys = torch.cat([before.to(kv.dtype), kv]) if len(before) else kv
         indices = window_indices(pos0, s, self.window, len(before))
         cache.write_window(kv, pos0)
 
         ratio = self.spec.compress_ratio
-        if ratio:
-            if self.spec.kind == LayerKind.CSA:
-                chosen = self.indexer(x, qr, pos0, cis, cache)
-                self.compressor(x, pos0, cache, "kv")
-                valid = chosen >= 0
-                needed, local = torch.unique(chosen[valid], return_inverse=True)
-                compressed = torch.full_like(chosen, -1)
-                compressed[valid] = local + len(keys)
-                entries = cache.entries("kv", needed) if len(needed) else keys[:0]
-            else:
-                self.compressor(x, pos0, cache, "kv")
-                n = cache.num_entries("kv")
-                usable = (torch.arange(pos0, pos0 + s) + 1) // ratio
-                j = torch.arange(n)
-                compressed = torch.where(j < usable[:, None], j + len(keys), -1)
-                entries = cache.entries("kv") if n else keys[:0]
-            keys = torch.cat([keys, entries.to(kv.dtype)])
-            indices = torch.cat([indices, compressed], dim=1)
-        return sparse_attention(q, keys, indices, self.attn_sink, self.softmax_scale)
+        if not ratio:
+            return keys, indices
+        if indexed is not None:  # CSA: the indexer's own compressor first, then its top-k over those keys
+            q_index, weights, (index_kv, index_score) = indexed
+            self.indexer.compressor.pool(index_kv[rows], index_score[rows], pos0, cache, "index")
+            chosen = self.indexer.select(q_index[rows], weights[rows], pos0, cache)
+        self.compressor.pool(compressed[0][rows], compressed[1][rows], pos0, cache, "kv")
+        if indexed is not None:
+            valid = chosen >= 0
+            needed, local = torch.unique(chosen[valid], return_inverse=True)
+            entry_indices = torch.full_like(chosen, -1)
+            entry_indices[valid] = local + len(keys)
+            entries = cache.entries("kv", needed) if len(needed) else keys[:0]
+        else:  # HCA: every complete entry
+            n = cache.num_entries("kv")
+            usable = (torch.arange(pos0, pos0 + s) + 1) // ratio
+            j = torch.arange(n)
+            entry_indices = torch.where(j < usable[:, None], j + len(keys), -1)
+            entries = cache.entries("kv") if n else keys[:0]
+        return torch.cat([keys, entries.to(kv.dtype)]), torch.cat([indices, entry_indices], dim=1)

@@ -45,13 +45,23 @@ class Compressor(nn.Module):
         start = end // self.ratio * self.ratio - (self.ratio if self.overlap else 0)
         return max(start, 0)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (kv, gate logits) of every token, computed for a whole batch at once (ape not added yet)."""
+        xf = x.float()
+        return F.linear(xf, self.wkv.dense()), F.linear(xf, self.wgate.dense())
+
     def forward(self, x: torch.Tensor, pos0: int, cache: LayerCache, name: str) -> torch.Tensor | None:
         """Feed the tokens at positions [pos0, pos0 + len(x)); append and return the entries they complete."""
+        return self.pool(*self.project(x), pos0, cache, name)
+
+    def pool(
+        self, kv: torch.Tensor, score: torch.Tensor, pos0: int, cache: LayerCache, name: str
+    ) -> torch.Tensor | None:
+        """One sequence's projected tokens at positions [pos0, pos0 + len(kv)): extend the frontier, pool the
+        windows they complete, and append those entries to the cache (returned too)."""
         r, c = self.ratio, self.head_dim
-        end = pos0 + len(x)
-        xf = x.float()
-        kv = F.linear(xf, self.wkv.dense())
-        score = F.linear(xf, self.wgate.dense()) + self.ape[torch.arange(pos0, end) % r]
+        end = pos0 + len(kv)
+        score = score + self.ape[torch.arange(pos0, end) % r]
         old_kv, old_score = cache.frontier(name)
         if len(old_kv):
             kv, score = torch.cat([old_kv, kv]), torch.cat([old_score, score])

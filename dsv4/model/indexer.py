@@ -37,18 +37,19 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config, 4, self.head_dim, True, numerics, rotary)
         self.weight_scale = self.head_dim**-0.5 * self.n_heads**-0.5
 
-    def forward(
-        self, x: torch.Tensor, qr: torch.Tensor, pos0: int, cis: torch.Tensor, cache: LayerCache
-    ) -> torch.Tensor:
-        """Entry numbers [s, min(topk, entries)] chosen per query (torch.topk order), -1 where unusable."""
+    def project(self, x: torch.Tensor, qr: torch.Tensor, cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token of a whole batch: rotated (and FP4-simulated) index queries [T, H, c], head weights [T, H]."""
         q = self.wq_b(qr).unflatten(-1, (-1, self.head_dim))
         q = hadamard(self.rotary.rotate(q, cis))
         if self.numerics.simulate:
             q = fp4_simulate(q)
-        self.compressor(x, pos0, cache, "index")
-        weights = self.weights_proj(x) * self.weight_scale
+        return q, self.weights_proj(x) * self.weight_scale
+
+    def select(self, q: torch.Tensor, weights: torch.Tensor, pos0: int, cache: LayerCache) -> torch.Tensor:
+        """One sequence's queries at positions [pos0, pos0 + s), once its index keys are appended: the entry
+        numbers [s, min(topk, entries)] each query attends to (torch.topk order), -1 where unusable."""
         n_entries = cache.num_entries("index")
-        s = len(x)
+        s = len(q)
         if n_entries == 0:
             return torch.empty(s, 0, dtype=torch.int64)
         keys = cache.entries("index")
