@@ -204,9 +204,10 @@ def run(args: argparse.Namespace) -> int:
                 f"{p.argmax_agree:.3f}; prefill row max {p.row_max[0]:.3g} (argmax "
                 f"{'same' if p.row_argmax_equal[0] else 'DIFFERENT'}); decode rows max {max(decode):.3g}"
             )
-            if args.verbose:
-                for j, (m, ok) in enumerate(zip(decode, p.row_argmax_equal[1:], strict=True)):
-                    print(f"    decode {j:2d}: max |diff| {m:.3g}, argmax {'same' if ok else 'DIFFERENT'}")
+            steps = " ".join(f"{m:.1e}" for m in decode)
+            marks = "".join("." if ok else "x" for ok in p.row_argmax_equal[1:])
+            print(f"    decode max |diff| per step: {steps}")
+            print(f"    decode argmax per step ('.' same, 'x' different): {marks}")
         for problem in result.problems:
             print(f"  FAIL: {problem}")
         failed |= not result.passed
@@ -228,5 +229,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=int, help="run through the engine, prefilling in chunks of N tokens")
     p.add_argument("--batch", action="store_true", help="run through the engine, all prompts in one ragged batch")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel-level vectors")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every decode step")
     p.set_defaults(func=run)
