@@ -23,7 +23,15 @@ from dsv4.cache.contiguous import ContiguousCache
 from dsv4.model.attention import Span
 from dsv4.model.hyper import sinkhorn_split
 from dsv4.model.loading import load_model
-from dsv4.model.quant import act_quant, dequant_fp4_weight, dequant_fp8_weight, fp4_simulate, fp8_simulate, hadamard
+from dsv4.model.quant import (
+    act_quant,
+    dequant_fp4_weight,
+    dequant_fp8_weight,
+    fp4_simulate,
+    fp8_simulate,
+    hadamard,
+    quantized_linear,
+)
 from dsv4.model.sparse_attention import sparse_attention
 
 
@@ -154,7 +162,7 @@ def check_kernels(path: Path) -> list[KernelResult]:
     for name, dequant in (("fp8_linear", dequant_fp8_weight), ("fp4_linear", dequant_fp4_weight)):
         x = k[f"{name}.x"]
         w = dequant(k[f"{name}.weight"], k[f"{name}.weight_scale"])
-        y = torch.nn.functional.linear(fp8_simulate(x, 128).float(), w).to(x.dtype)
+        y = quantized_linear(x, w, simulate=True)
         results.append(exact(f"{name}.y", y, k[f"{name}.y"]))
     o = sparse_attention(
         k["sparse_attn.q"][0],

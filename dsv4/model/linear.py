@@ -15,7 +15,7 @@ from torch import nn
 from dsv4.config import FP4_BLOCK, QUANT_BLOCK
 from dsv4.model.numerics import Numerics
 from dsv4.model.parallel import SINGLE, ParallelContext
-from dsv4.model.quant import dequant_fp4_weight, dequant_fp8_weight, fp8_simulate
+from dsv4.model.quant import dequant_fp4_weight, dequant_fp8_weight, quantized_linear
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -65,8 +65,7 @@ class Linear(nn.Module):
         if self.quantized:
             # FP8/FP4 GEMM: activations quantised to FP8 in blocks of 128 (simulated), fp32 accumulation,
             # output in the activation dtype.
-            xs = fp8_simulate(x, QUANT_BLOCK) if self.numerics.simulate else x
-            return F.linear(xs.float(), self.dense()).to(x.dtype)
+            return quantized_linear(x, self.dense(), self.numerics.simulate)
         # bf16 weights run as a plain matmul in the activation dtype (bf16 when serving, fp32 otherwise).
         return F.linear(x, self.dense(x.dtype))
 
