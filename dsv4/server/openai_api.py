@@ -46,7 +46,6 @@ from dsv4.server.serving import (
     parse_body,
     read_json,
     sampling_error,
-    unless_disconnected,
 )
 
 log = logging.getLogger("dsv4.server")
@@ -275,16 +274,7 @@ async def chat_completions(request: Request, backend: Backend) -> Response:
 
         return EventStreamResponse(events(), stream.close)
 
-    async def collect() -> None:
-        async for index, delta in backend.deltas(stream, arrival):
-            choices[index].update(delta)
-
-    try:
-        await unless_disconnected(request, collect())
-    except EngineError as error:
-        raise engine_failure(error) from None
-    finally:
-        stream.close()
+    await backend.collect(request, stream, arrival, lambda index, delta: choices[index].update(delta))
     log_done()
     tokenizer = backend.engine.tokenizer
     return JSONResponse(
@@ -427,16 +417,7 @@ async def completions(request: Request, backend: Backend) -> Response:
 
         return EventStreamResponse(events(), stream.close)
 
-    async def collect() -> None:
-        async for index, delta in backend.deltas(stream, arrival):
-            choices[index].update(delta)
-
-    try:
-        await unless_disconnected(request, collect())
-    except EngineError as error:
-        raise engine_failure(error) from None
-    finally:
-        stream.close()
+    await backend.collect(request, stream, arrival, lambda index, delta: choices[index].update(delta))
     return JSONResponse(
         {
             **base,

@@ -246,6 +246,27 @@ class Backend:
         except EngineError as error:
             raise APIError(503, str(error), code="engine_unavailable") from None
 
+    async def collect(
+        self,
+        request: Request,
+        stream: GenerationStream,
+        arrival: float,
+        on_delta: Callable[[int, SequenceDelta], None],
+    ) -> None:
+        """A non-streaming response's generation: every delta to ``on_delta`` until the stream ends. A client
+        that hangs up aborts it, an engine failure becomes an API error, and the stream is always closed."""
+
+        async def consume() -> None:
+            async for index, delta in self.deltas(stream, arrival):
+                on_delta(index, delta)
+
+        try:
+            await unless_disconnected(request, consume())
+        except EngineError as error:
+            raise engine_failure(error) from None
+        finally:
+            stream.close()
+
     async def deltas(self, stream: GenerationStream, arrival: float) -> AsyncIterator[tuple[int, SequenceDelta]]:
         """The stream's deltas, counted into the metrics as they pass."""
         metrics = self.metrics
