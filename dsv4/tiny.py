@@ -12,8 +12,12 @@ against other implementations can tell a missing term from a correct one.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,11 @@ from dsv4.chat.tokenizer import build_test_tokenizer
 from dsv4.checkpoint import expected_tensors, save_checkpoint
 from dsv4.config import FP4_BLOCK, QUANT_BLOCK, ModelConfig
 from dsv4.model.quant import quant_fp4_weight, quant_fp8_weight
+
+log = logging.getLogger("dsv4")
+
+# The model name that means "the tiny random checkpoint in the cache" wherever a model is asked for.
+TINY_RANDOM = "tiny-random"
 
 # Layer kinds window / CSA / HCA / window / CSA, repeated when more layers are asked for.
 _RATIO_CYCLE = (0, 4, 128, 0, 4)
@@ -190,3 +199,29 @@ def write_random_checkpoint(
     if tokenizer:
         build_test_tokenizer(config.vocab_size).save(path)
     return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv4"
+
+
+def tiny_random_checkpoint() -> Path:
+    """The ``tiny-random`` model: a random tiny checkpoint with a test tokenizer, written once into the cache.
+
+    It is written to a temporary directory and renamed into place, so a process killed mid-write, or two
+    starting at once, never leave a half-written model behind.
+    """
+    target = cache_dir() / TINY_RANDOM
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log.info("writing the %s model to %s (once)", TINY_RANDOM, target)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{TINY_RANDOM}-", dir=target.parent))
+        try:
+            write_random_checkpoint(scratch / "model")
+            os.replace(scratch / "model", target)
+        except OSError:
+            if not target.is_dir():  # not just another server winning the race
+                raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target

@@ -307,3 +307,13 @@ def test_cli_errors(tiny_dir: Path, capsys: pytest.CaptureFixture[str], args: li
     argv = ["generate", "--model", str(tiny_dir), "--prompt", "Hi", "--quiet", *args]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_tiny_random_is_a_model_name_everywhere(tmp_path, monkeypatch) -> None:
+    """``tiny-random`` resolves to a cached random checkpoint for the library and every command alike."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    llm = LLM("tiny-random", progress=False)
+    assert llm.model is not None and (tmp_path / "dsv4" / "tiny-random" / "tokenizer.json").is_file()
+    (out,) = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert len(out.token_ids) == 3
+    assert llm.pool is not None and llm.pool.used_bytes == 0

@@ -32,6 +32,7 @@ from dsv4.engine.sequence import Sequence
 from dsv4.model.loading import default_numerics
 from dsv4.model.numerics import get_numerics
 from dsv4.model.transformer import Transformer
+from dsv4.tiny import TINY_RANDOM, tiny_random_checkpoint
 
 Prompt = str | Seq[int]
 
@@ -133,6 +134,8 @@ class LLM:
         self.progress = progress
         self.model: Transformer | None = None
         self.tokenizer: ChatTokenizer | None = None
+        if model == TINY_RANDOM:
+            model = tiny_random_checkpoint()
         path = Path(model)
         if isinstance(model, str) and not path.exists() and (PRESETS_DIR / f"{model}.json").exists():
             self.source = f"preset {model!r}"
@@ -142,7 +145,7 @@ class LLM:
             self.config = open_checkpoint_config(path)
         else:
             presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.json")))
-            raise ValueError(f"{model}: not a checkpoint directory nor a preset ({presets})")
+            raise ValueError(f"{model}: not a checkpoint directory, {TINY_RANDOM}, nor a preset ({presets})")
         self.numerics = get_numerics(numerics or default_numerics(self.config)).name
         self.max_model_len = min(
             max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings

@@ -8,45 +8,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-import os
-import shutil
 import signal
-import tempfile
 from pathlib import Path
 
-TINY_RANDOM = "tiny-random"
+from dsv4.tiny import TINY_RANDOM
 
 log = logging.getLogger("dsv4.server")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv4"
-
-
-def resolve_model(model: str) -> str:
-    """``tiny-random`` -> a random tiny checkpoint with a test tokenizer, written once into the cache.
-
-    It is written to a temporary directory and renamed into place, so a server killed mid-write, or two
-    servers starting at once, never leave a half-written model behind.
-    """
-    if model != TINY_RANDOM:
-        return model
-    target = cache_dir() / TINY_RANDOM
-    if not target.is_dir():
-        from dsv4.tiny import write_random_checkpoint
-
-        target.parent.mkdir(parents=True, exist_ok=True)
-        log.info("writing the %s model to %s (once)", TINY_RANDOM, target)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{TINY_RANDOM}-", dir=target.parent))
-        try:
-            write_random_checkpoint(scratch / "model")
-            os.replace(scratch / "model", target)
-        except OSError:
-            if not target.is_dir():  # not just another server winning the race
-                raise
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    return str(target)
 
 
 def _is_loopback(host: str) -> bool:
@@ -68,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     configure_logging(args.log_level)
     llm = LLM(
-        resolve_model(args.model),
+        args.model,
         args.numerics,
         max_num_seqs=args.max_num_seqs,
         kv_cache_bytes=args.kv_cache_bytes,
