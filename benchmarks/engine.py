@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--hf-chunk", type=int, default=4096, help="transformers' prefill chunk")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--chunk-size", type=int, default=2048, help="dsv4 prefill chunk")
+    parser.add_argument("--chunk-size", type=int, default=512, help="dsv4 prefill chunk")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--model", type=Path, help="an fp32-servable checkpoint (default: a random --config one)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small", help="random checkpoint's config")

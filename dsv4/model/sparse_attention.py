@@ -30,12 +30,18 @@ def sparse_attention(
     Vectorised over queries and heads; only the K/64 index blocks are looped over, so the working set is
     O(T·64·D + T·H·64) per block and never O(T·N).
     """
+    # Keys in fp32 once, plus one zero row that every -1 slot reads (as the kernel loads zeros for them):
+    # invalid slots then add exactly nothing to P·V without a masking pass over each gathered block.
+    keys = torch.cat([kv.float(), kv.new_zeros(1, kv.shape[-1], dtype=torch.float32)])
     chunk = max(1, QUERY_CHUNK_ELEMENTS // (BLOCK * q.shape[-1]))
-    if q.shape[0] > chunk:
-        return torch.cat(
-            [sparse_attention(q[i : i + chunk], kv, idx[i : i + chunk], sink, scale) for i in range(0, len(q), chunk)]
-        )
+    out = [_attend(q[i : i + chunk], keys, idx[i : i + chunk], sink, scale) for i in range(0, len(q), chunk)]
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """One pass of queries; ``keys`` are fp32 with a trailing zero row."""
     t_len, n_heads, dim = q.shape
+    zero_row = len(keys) - 1
     p_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     qf = q.float()
     sink = sink.float()
@@ -46,8 +52,7 @@ def sparse_attention(
     for start in range(0, idx.shape[1], BLOCK):
         blk = idx[:, start : start + BLOCK].long()
         valid = blk >= 0
-        # Invalid slots load a zero row (as the kernel does), so they add nothing to P·V.
-        k_blk = kv[blk.clamp_min(0)].float() * valid.unsqueeze(-1)
+        k_blk = keys[torch.where(valid, blk, zero_row)]
         z = torch.bmm(qf, k_blk.transpose(1, 2)) * scale_t
         z = z.masked_fill(~valid.unsqueeze(1), -torch.inf)
         m_new = torch.maximum(m, z.amax(dim=-1))
