@@ -9,6 +9,7 @@ keys) and projected through grouped low-rank matrices.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,11 @@ class Span:
         return slice(self.start, self.start + self.length)
 
 
+@functools.cache
+def _full_window(window: int) -> torch.Tensor:
+    return torch.arange(window).unsqueeze(0)
+
+
 def window_indices(pos0: int, s: int, window: int, n_before: int) -> torch.Tensor:
     """Per query, the rows of its window in a KV tensor that starts at position pos0 - n_before.
 
@@ -49,6 +55,8 @@ def window_indices(pos0: int, s: int, window: int, n_before: int) -> torch.Tenso
     prompt length for a short first prefill), which fixes where compressed indices start in each list and so
     the blocking of the attention's online softmax.
     """
+    if s == 1 and pos0 >= window - 1:  # a decode step with a full window: the same list every time
+        return _full_window(window)
     width = window if pos0 > 0 else min(s, window)
     pos = torch.arange(pos0, pos0 + s)
     first = (pos - window + 1).clamp(min=0)
