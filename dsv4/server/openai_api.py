@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -83,9 +83,17 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-def check_choices(n: int) -> None:
-    if not 1 <= n <= MAX_CHOICES:
-        raise bad_request(f"n must be an integer in [1, {MAX_CHOICES}], got {n}", "n")
+Fields = TypeVar("Fields", bound=SamplingFields)
+
+
+async def read_request(request: Request, backend: Backend, model: type[Fields]) -> tuple[dict[str, Any], Fields]:
+    """The body of an OpenAI request, raw and validated: a served model and 1..MAX_CHOICES choices."""
+    body = await read_json(request)
+    fields = parse_body(model, body)
+    backend.check_model(fields.model)
+    if not 1 <= fields.num_choices <= MAX_CHOICES:
+        raise bad_request(f"n must be an integer in [1, {MAX_CHOICES}], got {fields.num_choices}", "n")
+    return body, fields
 
 
 def build_params(fields: SamplingFields, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
@@ -194,10 +202,7 @@ def chunk_deltas(events: list[ParserEvent]) -> list[dict[str, Any]]:
 
 async def chat_completions(request: Request, backend: Backend) -> Response:
     arrival = time.monotonic()
-    body = await read_json(request)
-    fields = parse_body(ChatCompletionRequest, body)
-    backend.check_model(fields.model)
-    check_choices(fields.num_choices)
+    body, fields = await read_request(request, backend, ChatCompletionRequest)
     try:
         chat = from_openai_request(body, default_thinking=backend.config.default_thinking)
     except RequestError as error:
@@ -357,10 +362,7 @@ class _TextChoice:
 
 async def completions(request: Request, backend: Backend) -> Response:
     arrival = time.monotonic()
-    body = await read_json(request)
-    fields = parse_body(CompletionRequest, body)
-    backend.check_model(fields.model)
-    check_choices(fields.num_choices)
+    body, fields = await read_request(request, backend, CompletionRequest)
     if fields.echo:
         raise bad_request("echo is not supported", "echo")
     if fields.suffix:
