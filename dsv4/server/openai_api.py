@@ -58,32 +58,34 @@ class StreamOptions(StrictModel):
     include_usage: bool | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class OpenAIRequest(SamplingFields):
+    """What both OpenAI endpoints take besides their prompt."""
+
+    model: str
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(OpenAIRequest):
     """The transport and sampling fields; messages, tools and the reasoning switches are validated by
     :func:`dsv4.chat.openai.from_openai_request`."""
 
-    model: str
     messages: list[Any]
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
 
-class CompletionRequest(SamplingFields):
-    model: str
+class CompletionRequest(OpenAIRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
     max_tokens: int | None = None
     logprobs: int | None = None
     echo: bool | None = None
     suffix: str | None = None
 
 
-Fields = TypeVar("Fields", bound=SamplingFields)
+Fields = TypeVar("Fields", bound=OpenAIRequest)
 
 
 async def read_request(request: Request, backend: Backend, model: type[Fields]) -> tuple[dict[str, Any], Fields]:
