@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.cache.view import LayerCache, LoopDecodeGroup
+
 
 class _Growing:
     """A row-appendable tensor with doubling capacity."""
@@ -70,6 +72,9 @@ class ContiguousLayerCache:
     def entries(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
         store = self._entries[name].view()
         return store if rows is None else store[rows]
+
+    def decode_group(self, caches: list[LayerCache], positions: torch.Tensor) -> LoopDecodeGroup:
+        return LoopDecodeGroup(caches, positions, self.window_size)
 
 
 class ContiguousCache:

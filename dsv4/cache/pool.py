@@ -175,14 +175,17 @@ class PagedLayerCache:
             return torch.empty(0, self.store.head_dim, dtype=self.store.ring.dtype)
         return self.store.ring.read(self._ring_rows(torch.arange(pos0 - n, pos0)))
 
-    def write_window(self, kv: torch.Tensor, pos0: int) -> None:
-        assert pos0 == self.end, f"layer {self.store.spec.index}: write at {pos0}, cache ends at {self.end}"
-        end = pos0 + len(kv)
+    def _check_reserved(self, end: int) -> None:
         capacity = len(self.seq.blocks) * self.seq.pool.block_tokens
         assert end <= capacity, (
             f"layer {self.store.spec.index}: writing positions up to {end} but only {capacity} tokens are "
             f"reserved; call KVPool.reserve before the forward"
         )
+
+    def write_window(self, kv: torch.Tensor, pos0: int) -> None:
+        assert pos0 == self.end, f"layer {self.store.spec.index}: write at {pos0}, cache ends at {self.end}"
+        end = pos0 + len(kv)
+        self._check_reserved(end)
         rows = kv[-self.store.window :]
         self.store.ring.write(self._ring_rows(torch.arange(end - len(rows), end)), rows)
         self.end = end
@@ -234,6 +237,48 @@ class PagedLayerCache:
         elif len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < count:
             raise IndexError(f"layer {self.store.spec.index}: {name!r} has {count} entries, asked for {rows}")
         return self.store.entries[name].read(self._physical(rows))
+
+    def decode_group(self, caches: list[PagedLayerCache], positions: torch.Tensor) -> PagedDecodeGroup:
+        return PagedDecodeGroup(caches, positions)
+
+
+class PagedDecodeGroup:
+    """One layer's caches of several pool sequences that each add one token (implements
+    ``view.DecodeGroup``): every read is one gather through the members' slots and block tables."""
+
+    def __init__(self, caches: list[PagedLayerCache], positions: torch.Tensor):
+        self.caches, self.positions = caches, positions
+        self.store = caches[0].store
+        assert all(c.store is self.store for c in caches), "a decode group spans one layer of one pool"
+        self.slots = torch.tensor([c.seq.slot for c in caches])
+        self.tables = torch.nn.utils.rnn.pad_sequence([c.seq.table for c in caches], batch_first=True)
+
+    def advance_window(self, kv: torch.Tensor) -> torch.Tensor:
+        w = self.store.window
+        for cache, p in zip(self.caches, self.positions.tolist(), strict=True):
+            if p != cache.end:
+                raise ValueError(f"cache holds positions up to {cache.end}, asked to continue at {p}")
+        back = self.positions.unsqueeze(1) - torch.arange(w - 1, 0, -1)  # positions p-w+1 .. p-1
+        ring_rows = self.slots.unsqueeze(1) * w + back % w
+        before = self.store.ring.read(ring_rows.flatten()).view(len(kv), w - 1, -1)
+        for cache in self.caches:
+            cache._check_reserved(cache.end + 1)
+        self.store.ring.write(self.slots * w + self.positions % w, kv)
+        for cache in self.caches:
+            cache.end += 1
+        return torch.cat([before.to(kv.dtype), kv.unsqueeze(1)], dim=1)
+
+    def num_entries(self, name: str) -> torch.Tensor:
+        return torch.tensor([c.counts[name] for c in self.caches])
+
+    def entries(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is None:
+            rows = torch.arange(int(self.num_entries(name).max())).expand(len(self.caches), -1)
+        rows = rows.clamp(min=0)  # padding and -1 read some real row; callers mask them
+        per_block = self.store.per_block
+        blocks = self.tables.gather(1, (rows // per_block).clamp(max=self.tables.shape[1] - 1))
+        physical = blocks * per_block + rows % per_block
+        return self.store.entries[name].read(physical.flatten()).view(*rows.shape, -1)
 
 
 class PagedSequence:

@@ -43,6 +43,69 @@ class LayerCache(Protocol):
         """All entries [n, c'], or only those numbered ``rows`` (a 1-D index tensor), in the compute dtype."""
         ...
 
+    def decode_group(self, caches: list[LayerCache], positions: torch.Tensor) -> DecodeGroup:
+        """``caches`` (of one layer, this one among them) as one ``DecodeGroup`` adding tokens at ``positions``."""
+        ...
+
+
+class DecodeGroup(Protocol):
+    """One layer's caches of S sequences that each add one token at their own position (a decode step).
+
+    Reads and writes all members at once, so that a decode step of many sequences costs a few gathers per
+    layer rather than a few dozen small operations per sequence. Reads are padded to the longest member;
+    padding rows hold arbitrary values, and callers mask them.
+    """
+
+    caches: list[LayerCache]
+    positions: torch.Tensor  # [S] the position of each member's new token
+
+    def advance_window(self, kv: torch.Tensor) -> torch.Tensor:
+        """Append each member's new row (kv [S, d]) to its window and return the windows [S, window_size, d]:
+        rows of positions p - window_size + 1 .. p, the last being ``kv`` itself (arbitrary where < 0)."""
+        ...
+
+    def entries(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Every member's entries [S, max count, c'], or with ``rows`` [S, k] (-1 for none) those entries."""
+        ...
+
+    def num_entries(self, name: str) -> torch.Tensor:
+        """[S] entries per member."""
+        ...
+
+
+class LoopDecodeGroup:
+    """A ``DecodeGroup`` over any ``LayerCache``s, one member at a time (for caches of one sequence each)."""
+
+    def __init__(self, caches: list[LayerCache], positions: torch.Tensor, window_size: int):
+        self.caches, self.positions, self.window_size = caches, positions, window_size
+
+    def advance_window(self, kv: torch.Tensor) -> torch.Tensor:
+        out = kv.new_zeros(len(kv), self.window_size, kv.shape[-1])
+        for i, (cache, p) in enumerate(zip(self.caches, self.positions.tolist(), strict=True)):
+            before = cache.window(p)
+            if len(before):
+                out[i, -1 - len(before) : -1] = before
+            out[i, -1] = kv[i]
+            cache.write_window(kv[i : i + 1], p)
+        return out
+
+    def entries(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        counts = self.num_entries(name)
+        if rows is None:
+            rows = torch.arange(int(counts.max())).expand(len(self.caches), -1)
+        out: torch.Tensor | None = None
+        for i, (cache, member_rows) in enumerate(zip(self.caches, rows, strict=True)):
+            valid = (member_rows >= 0) & (member_rows < counts[i])
+            if valid.any():
+                picked = cache.entries(name, member_rows[valid])
+                if out is None:
+                    out = picked.new_zeros(*rows.shape, picked.shape[-1])
+                out[i, valid] = picked
+        return out if out is not None else torch.zeros(*rows.shape, 0)
+
+    def num_entries(self, name: str) -> torch.Tensor:
+        return torch.tensor([cache.num_entries(name) for cache in self.caches])
+
 
 class SequenceCache(Protocol):
     """One sequence's cache across all layers (main blocks first, then the MTP blocks)."""

@@ -13,7 +13,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.cache.view import LayerCache, SequenceCache
@@ -65,6 +64,18 @@ def window_indices(pos0: int, s: int, window: int, n_before: int) -> torch.Tenso
     return torch.where(torch.arange(width) < count, rows, -1)
 
 
+def _assemble(
+    n_rows: int, parts: list[tuple[torch.Tensor | slice, torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One KV tensor from every part's keys, and every query row's index list into it (-1 padded)."""
+    indices = torch.full((n_rows, max(lists.shape[1] for _, _, lists in parts)), -1, dtype=torch.int64)
+    offset = 0
+    for rows, keys, lists in parts:
+        indices[rows, : lists.shape[1]] = torch.where(lists >= 0, lists + offset, -1)
+        offset += len(keys)
+    return torch.cat([keys for _, keys, _ in parts]), indices
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, spec: LayerSpec, numerics: Numerics, parallel: ParallelContext = SINGLE):
         super().__init__()
@@ -111,23 +122,69 @@ class Attention(nn.Module):
         indexed = None
         if self.spec.kind == LayerKind.CSA:
             indexed = (*self.indexer.project(x, qr, cis), self.indexer.compressor.project(x))
-        keys, lists = [], []
-        n_keys = 0
+        parts = []
+        decoding = [span for span in spans if span.length == 1]
+        if decoding:
+            rows = torch.tensor([span.start for span in decoding])
+            parts.append((rows, *self._gather_decode(decoding, rows, kv, compressed, indexed)))
         for span in spans:
-            rows, cache = span.rows, span.cache.layer(self.layer_index)
-            span_keys, span_lists = self._gather(rows, kv, compressed, indexed, span.pos0, cache)
-            keys.append(span_keys)
-            lists.append(torch.where(span_lists >= 0, span_lists + n_keys, -1))
-            n_keys += len(span_keys)
-        width = max(lst.shape[1] for lst in lists)
-        indices = torch.cat([F.pad(lst, (0, width - lst.shape[1]), value=-1) for lst in lists])
-        o = sparse_attention(q, torch.cat(keys), indices, self.attn_sink, self.softmax_scale)
+            if span.length > 1:
+                cache = span.cache.layer(self.layer_index)
+                parts.append((span.rows, *self._gather(span.rows, kv, compressed, indexed, span.pos0, cache)))
+        keys, indices = _assemble(len(x), parts)
+        o = sparse_attention(q, keys, indices, self.attn_sink, self.softmax_scale)
 
         o = self.rotary.rotate(o, cis, inverse=True)
         o = o.view(len(x), self.n_groups, -1)
         wo_a = self.wo_a.dense(x.dtype).view(self.n_groups, self.o_lora_rank, -1)
         o = torch.einsum("bsgd,grd->bsgr", o[None], wo_a)[0]
         return self.wo_b(o.flatten(1))
+
+    def _gather_decode(
+        self,
+        spans: list[Span],
+        rows: torch.Tensor,
+        kv: torch.Tensor,
+        compressed: tuple[torch.Tensor, torch.Tensor] | None,
+        indexed: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_gather`` for S sequences adding one token each, their cache reads done together: keys
+        [S·window + S·k, d] (each member's window, then its k entries) and each query's list [S, window + k].
+
+        The lists hold the same keys in the same order as ``_gather``'s (window rows oldest first, then
+        the entries in top-k order), so each query's attention is computed exactly as on its own.
+        """
+        caches = [span.cache.layer(self.layer_index) for span in spans]
+        positions = torch.tensor([span.pos0 for span in spans])
+        group = caches[0].decode_group(caches, positions)
+        n, w = len(spans), self.window
+        windows = group.advance_window(kv[rows])
+        # Member i's window holds positions p-w+1 .. p; the list starts at its first non-negative one.
+        shift = (w - 1 - positions).clamp(min=0).unsqueeze(1)
+        slot = torch.arange(w) + shift
+        lists = torch.where(slot < w, torch.arange(n).unsqueeze(1) * w + slot, -1)
+        keys = windows.flatten(0, 1)
+
+        ratio = self.spec.compress_ratio
+        if not ratio:
+            return keys, lists
+        members = list(zip(caches, rows.tolist(), positions.tolist(), strict=True))
+        if indexed is not None:
+            q_index, weights, (index_kv, index_score) = indexed
+            for cache, row, pos in members:
+                self.indexer.compressor.pool(index_kv[row : row + 1], index_score[row : row + 1], pos, cache, "index")
+            chosen = self.indexer.select_group(q_index[rows], weights[rows], group)
+        for cache, row, pos in members:
+            self.compressor.pool(compressed[0][row : row + 1], compressed[1][row : row + 1], pos, cache, "kv")
+        if indexed is None:  # HCA: every complete entry
+            j = torch.arange(int(group.num_entries("kv").max()))
+            chosen = torch.where(j < ((positions + 1) // ratio).unsqueeze(1), j, -1)
+        k = chosen.shape[1]
+        if k == 0:
+            return keys, lists
+        entries = group.entries("kv", chosen).flatten(0, 1).to(kv.dtype)
+        at = len(keys) + torch.arange(n * k).view(n, k)
+        return torch.cat([keys, entries]), torch.cat([lists, torch.where(chosen >= 0, at, -1)], dim=1)
 
     def _gather(
         self,

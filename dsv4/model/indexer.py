@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.cache.view import LayerCache
+from dsv4.cache.view import DecodeGroup, LayerCache
 from dsv4.config import ModelConfig
 from dsv4.model.compressor import Compressor
 from dsv4.model.linear import ColumnParallelLinear
@@ -60,10 +60,32 @@ class Indexer(nn.Module):
         for lo in range(0, s, chunk):
             hi = min(s, lo + chunk)
             scores = torch.einsum("bshd,btd->bsht", q[None, lo:hi], keys[None])[0]
-            scores = (scores.relu_() * weights[lo:hi].unsqueeze(-1)).sum(dim=1)
-            scores = self.parallel.all_reduce(scores)
-            future = torch.arange(n_entries) >= usable[lo:hi, None]
-            scores = scores.masked_fill(future, float("-inf"))
-            top = scores.topk(k, dim=-1)[1]
-            picked.append(torch.where(top >= usable[lo:hi, None], -1, top))
+            picked.append(self._top(self._scores(scores, weights[lo:hi]), usable[lo:hi], k))
         return torch.cat(picked)
+
+    def select_group(self, q: torch.Tensor, weights: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
+        """``select`` for one query of each member of a decode group (q [S, H, c]) -> [S, k] (-1 padded).
+
+        The scores are one batched product against the members' keys padded to the longest; the top-k is
+        taken per member over its own entries, so that ties resolve exactly as for the member alone."""
+        counts = group.num_entries("index")
+        if int(counts.max()) == 0:
+            return torch.empty(len(q), 0, dtype=torch.int64)
+        scores = self._scores(torch.bmm(q, group.entries("index").transpose(1, 2)), weights)
+        usable = (group.positions + 1) // self.ratio
+        picked = [
+            self._top(row[None, :n], usable[i : i + 1], min(self.topk, n))[0]
+            for i, (row, n) in enumerate(zip(scores, counts.tolist(), strict=True))
+        ]
+        return torch.nn.utils.rnn.pad_sequence(picked, batch_first=True, padding_value=-1)
+
+    def _scores(self, scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Per-head q·k [m, H, n] -> the index score of each of the n entries for each of the m queries."""
+        return self.parallel.all_reduce((scores.relu_() * weights.unsqueeze(-1)).sum(dim=1))
+
+    @staticmethod
+    def _top(scores: torch.Tensor, usable: torch.Tensor, k: int) -> torch.Tensor:
+        """The k best entries per query among its usable ones [0, usable) (torch.topk order; -1 past usable)."""
+        future = torch.arange(scores.shape[-1]) >= usable[:, None]
+        top = scores.masked_fill(future, float("-inf")).topk(k, dim=-1)[1]
+        return torch.where(top >= usable[:, None], -1, top)
