@@ -73,6 +73,9 @@ class ContiguousLayerCache:
         store = self._entries[name].view()
         return store if rows is None else store[rows]
 
+    def entry_pieces(self, name: str) -> list[torch.Tensor]:
+        return [self.entries(name)]
+
     def decode_group(self, caches: list[LayerCache], positions: torch.Tensor) -> LoopDecodeGroup:
         return LoopDecodeGroup(caches, positions, self.window_size)
 

@@ -238,6 +238,22 @@ class PagedLayerCache:
             raise IndexError(f"layer {self.store.spec.index}: {name!r} has {count} entries, asked for {rows}")
         return self.store.entries[name].read(self._physical(rows))
 
+    def entry_pieces(self, name: str) -> list[torch.Tensor]:
+        """Stored rows are read in place, one view per run of consecutive blocks, when they need no decoding
+        and there is a whole block of them; otherwise one gathered copy."""
+        rows, per_block = self.store.entries[name], self.store.per_block
+        count = self.counts[name]
+        if rows.codec != "plain" or count < per_block or per_block < 12:
+            return [self.entries(name)]
+        table = self.seq.table[: -(-count // per_block)]
+        breaks = (torch.nonzero(table[1:] != table[:-1] + 1).flatten() + 1).tolist()
+        bounds = [0, *breaks, len(table)]
+        stored = rows.tensors[0]
+        return [
+            stored[int(table[lo]) * per_block : (int(table[lo]) + hi - lo) * per_block]
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+
     def decode_group(self, caches: list[PagedLayerCache], positions: torch.Tensor) -> PagedDecodeGroup:
         return PagedDecodeGroup(caches, positions)
 
@@ -271,9 +287,7 @@ class PagedDecodeGroup:
     def num_entries(self, name: str) -> torch.Tensor:
         return torch.tensor([c.counts[name] for c in self.caches])
 
-    def entries(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        if rows is None:
-            rows = torch.arange(int(self.num_entries(name).max())).expand(len(self.caches), -1)
+    def entries(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.clamp(min=0)  # padding and -1 read some real row; callers mask them
         per_block = self.store.per_block
         blocks = self.tables.gather(1, (rows // per_block).clamp(max=self.tables.shape[1] - 1))

@@ -43,6 +43,13 @@ class LayerCache(Protocol):
         """All entries [n, c'], or only those numbered ``rows`` (a 1-D index tensor), in the compute dtype."""
         ...
 
+    def entry_pieces(self, name: str) -> list[torch.Tensor]:
+        """All entries as consecutive pieces [m_i, c'], views into the storage where its layout allows (the
+        indexer scans every key at every step; copying them first would double its memory traffic). The
+        pieces may run past the last entry, but each holds at least 12 rows unless there is one piece of
+        exactly ``num_entries`` rows: CPU GEMMs round alike for every row count from 12 up."""
+        ...
+
     def decode_group(self, caches: list[LayerCache], positions: torch.Tensor) -> DecodeGroup:
         """``caches`` (of one layer, this one among them) as one ``DecodeGroup`` adding tokens at ``positions``."""
         ...
@@ -52,8 +59,8 @@ class DecodeGroup(Protocol):
     """One layer's caches of S sequences that each add one token at their own position (a decode step).
 
     Reads and writes all members at once, so that a decode step of many sequences costs a few gathers per
-    layer rather than a few dozen small operations per sequence. Reads are padded to the longest member;
-    padding rows hold arbitrary values, and callers mask them.
+    layer rather than a few dozen small operations per sequence. What a read returns for a -1 entry number
+    or a window position before 0 is arbitrary; callers mask it.
     """
 
     caches: list[LayerCache]
@@ -64,8 +71,8 @@ class DecodeGroup(Protocol):
         rows of positions p - window_size + 1 .. p, the last being ``kv`` itself (arbitrary where < 0)."""
         ...
 
-    def entries(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Every member's entries [S, max count, c'], or with ``rows`` [S, k] (-1 for none) those entries."""
+    def entries(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """The entries numbered ``rows`` [S, k] of each member -> [S, k, c'] (arbitrary where a row is -1)."""
         ...
 
     def num_entries(self, name: str) -> torch.Tensor:
@@ -89,10 +96,8 @@ class LoopDecodeGroup:
             cache.write_window(kv[i : i + 1], p)
         return out
 
-    def entries(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def entries(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         counts = self.num_entries(name)
-        if rows is None:
-            rows = torch.arange(int(counts.max())).expand(len(self.caches), -1)
         out: torch.Tensor | None = None
         for i, (cache, member_rows) in enumerate(zip(self.caches, rows, strict=True)):
             valid = (member_rows >= 0) & (member_rows < counts[i])

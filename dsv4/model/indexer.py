@@ -52,30 +52,29 @@ class Indexer(nn.Module):
         s = len(q)
         if n_entries == 0:
             return torch.empty(s, 0, dtype=torch.int64)
-        keys = cache.entries("index")
+        pieces = cache.entry_pieces("index")
         usable = (torch.arange(pos0, pos0 + s) + 1) // self.ratio  # entries [0, usable) are complete
         k = min(self.topk, n_entries)
         chunk = max(1, SCORE_CHUNK_ELEMENTS // (q.shape[1] * n_entries))
         picked = []
         for lo in range(0, s, chunk):
             hi = min(s, lo + chunk)
-            scores = torch.einsum("bshd,btd->bsht", q[None, lo:hi], keys[None])[0]
-            picked.append(self._top(self._scores(scores, weights[lo:hi]), usable[lo:hi], k))
+            scores = [
+                self._scores(torch.einsum("bshd,btd->bsht", q[None, lo:hi], piece[None])[0], weights[lo:hi])
+                for piece in pieces
+            ]
+            scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
+            picked.append(self._top(scores[:, :n_entries], usable[lo:hi], k))
         return torch.cat(picked)
 
     def select_group(self, q: torch.Tensor, weights: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
         """``select`` for one query of each member of a decode group (q [S, H, c]) -> [S, k] (-1 padded).
 
-        The scores are one batched product against the members' keys padded to the longest; the top-k is
-        taken per member over its own entries, so that ties resolve exactly as for the member alone."""
-        counts = group.num_entries("index")
-        if int(counts.max()) == 0:
-            return torch.empty(len(q), 0, dtype=torch.int64)
-        scores = self._scores(torch.bmm(q, group.entries("index").transpose(1, 2)), weights)
-        usable = (group.positions + 1) // self.ratio
+        Member by member: the work is one scan of each member's own keys either way, and alone each query
+        is scored and ranked exactly as it would be outside the group."""
         picked = [
-            self._top(row[None, :n], usable[i : i + 1], min(self.topk, n))[0]
-            for i, (row, n) in enumerate(zip(scores, counts.tolist(), strict=True))
+            self.select(q[i : i + 1], weights[i : i + 1], pos, cache)[0]
+            for i, (cache, pos) in enumerate(zip(group.caches, group.positions.tolist(), strict=True))
         ]
         return torch.nn.utils.rnn.pad_sequence(picked, batch_first=True, padding_value=-1)
 
