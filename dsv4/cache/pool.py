@@ -284,6 +284,42 @@ class PagedDecodeGroup:
             cache.end += 1
         return torch.cat([before.to(kv.dtype), kv.unsqueeze(1)], dim=1)
 
+    def push_frontier(
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kv_buf, score_buf = self.store.frontiers[name]
+        pending = torch.tensor([c.pending[name] for c in self.caches])
+        assert int(pending.max()) < kv_buf.shape[1], f"frontier {name!r} is full"
+        kv_buf[self.slots, pending] = kv
+        score_buf[self.slots, pending] = score
+        for cache in self.caches:
+            cache.pending[name] += 1
+        rows = (pending.unsqueeze(1) + 1 - tail + torch.arange(tail)).clamp(min=0)
+        slots = self.slots.unsqueeze(1)
+        return kv_buf[slots, rows], score_buf[slots, rows]
+
+    def trim_frontier(self, name: str, members: torch.Tensor, keep: int) -> None:
+        kv_buf, score_buf = self.store.frontiers[name]
+        pending = torch.tensor([self.caches[i].pending[name] for i in members.tolist()])
+        assert bool((pending >= keep).all()), f"frontier {name!r}: fewer than {keep} rows to keep"
+        slots = self.slots[members].unsqueeze(1)
+        kept = (pending.unsqueeze(1) - keep + torch.arange(keep)).clamp(min=0)
+        for buf in (kv_buf, score_buf):
+            buf[slots, torch.arange(keep)] = buf[slots, kept]  # the gather copies before the scatter
+        for i in members.tolist():
+            self.caches[i].pending[name] = keep
+
+    def append_entries(self, name: str, members: torch.Tensor, entries: torch.Tensor) -> None:
+        caches = [self.caches[i] for i in members.tolist()]
+        rows = torch.tensor([c.counts[name] for c in caches])
+        per_block = self.store.per_block
+        blocks = self.tables[members, rows // per_block]
+        for cache, block in zip(caches, (rows // per_block).tolist(), strict=True):
+            assert block < len(cache.seq.blocks), f"layer {self.store.spec.index}: entry past reserved blocks"
+            assert cache.seq.pool.refcount(cache.seq.blocks[block]) == 1, "appending into a shared block"
+            cache.counts[name] += 1
+        self.store.entries[name].write(blocks * per_block + rows % per_block, entries)
+
     def num_entries(self, name: str) -> torch.Tensor:
         return torch.tensor([c.counts[name] for c in self.caches])
 

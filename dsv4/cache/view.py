@@ -71,6 +71,21 @@ class DecodeGroup(Protocol):
         rows of positions p - window_size + 1 .. p, the last being ``kv`` itself (arbitrary where < 0)."""
         ...
 
+    def push_frontier(
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append each member's new row (kv, score [S, C]) to its frontier; return the last ``tail`` rows of
+        every frontier, [S, tail, C] each (arbitrary where a frontier is shorter)."""
+        ...
+
+    def trim_frontier(self, name: str, members: torch.Tensor, keep: int) -> None:
+        """Keep only the last ``keep`` rows of the frontiers of ``members`` (indices into the group)."""
+        ...
+
+    def append_entries(self, name: str, members: torch.Tensor, entries: torch.Tensor) -> None:
+        """Append one entry (a row of ``entries`` [m, c']) to each of ``members``."""
+        ...
+
     def entries(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """The entries numbered ``rows`` [S, k] of each member -> [S, k, c'] (arbitrary where a row is -1)."""
         ...
@@ -95,6 +110,30 @@ class LoopDecodeGroup:
             out[i, -1] = kv[i]
             cache.write_window(kv[i : i + 1], p)
         return out
+
+    def push_frontier(
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kv_tail = kv.new_zeros(len(kv), tail, kv.shape[-1])
+        score_tail = torch.zeros_like(kv_tail)
+        for i, cache in enumerate(self.caches):
+            old_kv, old_score = cache.frontier(name)
+            new_kv = torch.cat([old_kv, kv[i : i + 1]]) if len(old_kv) else kv[i : i + 1]
+            new_score = torch.cat([old_score, score[i : i + 1]]) if len(old_score) else score[i : i + 1]
+            cache.set_frontier(name, new_kv, new_score)
+            kv_tail[i, tail - min(tail, len(new_kv)) :] = new_kv[-tail:]
+            score_tail[i, tail - min(tail, len(new_score)) :] = new_score[-tail:]
+        return kv_tail, score_tail
+
+    def trim_frontier(self, name: str, members: torch.Tensor, keep: int) -> None:
+        for i in members.tolist():
+            kv, score = self.caches[i].frontier(name)
+            kept = slice(max(0, len(kv) - keep), len(kv))
+            self.caches[i].set_frontier(name, kv[kept], score[kept])
+
+    def append_entries(self, name: str, members: torch.Tensor, entries: torch.Tensor) -> None:
+        for i, entry in zip(members.tolist(), entries.split(1), strict=True):
+            self.caches[i].append_entries(name, entry)
 
     def entries(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         counts = self.num_entries(name)

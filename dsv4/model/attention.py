@@ -168,14 +168,11 @@ class Attention(nn.Module):
         ratio = self.spec.compress_ratio
         if not ratio:
             return keys, lists
-        members = list(zip(caches, rows.tolist(), positions.tolist(), strict=True))
         if indexed is not None:
             q_index, weights, (index_kv, index_score) = indexed
-            for cache, row, pos in members:
-                self.indexer.compressor.pool(index_kv[row : row + 1], index_score[row : row + 1], pos, cache, "index")
+            self.indexer.compressor.pool_group(index_kv[rows], index_score[rows], group, "index")
             chosen = self.indexer.select_group(q_index[rows], weights[rows], group)
-        for cache, row, pos in members:
-            self.compressor.pool(compressed[0][row : row + 1], compressed[1][row : row + 1], pos, cache, "kv")
+        self.compressor.pool_group(compressed[0][rows], compressed[1][rows], group, "kv")
         if indexed is None:  # HCA: every complete entry
             j = torch.arange(int(group.num_entries("kv").max()))
             chosen = torch.where(j < ((positions + 1) // ratio).unsqueeze(1), j, -1)

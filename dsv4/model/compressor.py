@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.cache.view import LayerCache
+from dsv4.cache.view import DecodeGroup, LayerCache
 from dsv4.config import KV_FP8_BLOCK, ModelConfig
 from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm
@@ -85,15 +85,43 @@ class Compressor(nn.Module):
         else:
             lo, hi = r * first - start, r * last - start
             kv, score = kv[lo:hi].unflatten(0, (-1, r)), score[lo:hi].unflatten(0, (-1, r))
-        pooled = (kv * score.softmax(dim=1)).sum(dim=1)
+        entries = self._finish(self._pooled(kv, score), torch.arange(first, last) * r)
+        cache.append_entries(name, entries)
+        return entries
 
+    def pool_group(self, kv: torch.Tensor, score: torch.Tensor, group: DecodeGroup, name: str) -> None:
+        """``pool`` for one token of each member of a decode group (kv, score [S, coff·c]): every frontier
+        grows by a row, and the members whose token completes a window get their entry."""
+        r, c = self.ratio, self.head_dim
+        positions = group.positions
+        score = score + self.ape[positions % r]
+        tail = 2 * r if self.overlap else r
+        kv, score = group.push_frontier(name, kv, score, tail)
+        done = torch.nonzero((positions + 1) % r == 0).flatten()
+        if not len(done):
+            return
+        kv, score, starts = kv[done], score[done], positions[done] + 1 - r
+        if self.overlap:
+            first = starts == 0  # entry 0 has no previous window: its slots weigh nothing
+            kv[first, :r], score[first, :r] = 0.0, float("-inf")
+            kv = torch.cat([kv[:, :r, :c], kv[:, r:, c:]], dim=1)
+            score = torch.cat([score[:, :r, :c], score[:, r:, c:]], dim=1)
+        group.append_entries(name, done, self._finish(self._pooled(kv, score), starts))
+        group.trim_frontier(name, done, r if self.overlap else 0)
+
+    @staticmethod
+    def _pooled(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Windows [n, slots, c] -> the softmax-gated sums [n, c] (fp32)."""
+        return (kv * score.softmax(dim=1)).sum(dim=1)
+
+    def _finish(self, pooled: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """Pooled windows -> entries: normalised, rotated at each window's first position, quantisation-simulated."""
         entries = self.norm(pooled.to(self.numerics.dtype))
-        entries = self.rotary.rotate(entries, self.rotary.at(torch.arange(first, last) * r))
+        entries = self.rotary.rotate(entries, self.rotary.at(starts))
         if self.rotate:
             entries = hadamard(entries)
             if self.numerics.simulate:
                 entries = fp4_simulate(entries)
         elif self.numerics.simulate:
             entries = torch.cat([fp8_simulate(entries[:, : self.nope], KV_FP8_BLOCK), entries[:, self.nope :]], -1)
-        cache.append_entries(name, entries)
         return entries
