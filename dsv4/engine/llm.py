@@ -13,7 +13,7 @@ import itertools
 import json
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,8 +29,9 @@ from dsv4.engine.sampler import SampledToken, Sampler
 from dsv4.engine.sampling import SamplingParams
 from dsv4.engine.scheduler import Scheduler, SchedulerOutput
 from dsv4.engine.sequence import Sequence
+from dsv4.model.linear import Linear
 from dsv4.model.loading import default_numerics
-from dsv4.model.numerics import get_numerics
+from dsv4.model.numerics import check_batch_invariance, get_numerics
 from dsv4.model.transformer import Transformer
 from dsv4.tiny import TINY_RANDOM, tiny_random_checkpoint
 
@@ -118,6 +119,8 @@ class LLM:
     defaults to ``bf16_official`` for FP8 checkpoints and ``fp32_nosim`` for plain ones. The pool has
     ``num_blocks`` blocks of ``block_tokens`` tokens, or as many as fit in ``kv_cache_bytes`` next to the
     ``max_num_seqs`` fixed-size state slots. ``seed`` drives the requests that have no seed of their own.
+    ``batch_invariant`` makes each sequence's logits bit-identical whatever it is batched with (padded small
+    GEMMs, whole attention blocks, prompt chunks at fixed boundaries); see ``dsv4.model.numerics``.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         max_model_len: int | None = None,
         seed: int = 0,
+        batch_invariant: bool = False,
         progress: bool = True,
     ):
         self.progress = progress
@@ -162,15 +166,22 @@ class LLM:
         layout.check_block_tokens(block_tokens)
         if num_blocks is None:
             num_blocks = self._blocks_for(kv_cache_bytes, max_num_seqs, block_tokens)
-        self.model = Transformer(self.config, self.numerics)
+        numerics = replace(get_numerics(self.numerics), batch_invariant=batch_invariant)
+        self.model = Transformer(self.config, numerics)
         load_checkpoint(self.model.state_dict(), path, progress=progress)
         self.model.weights_loaded()
+        if batch_invariant:
+            check_batch_invariance(
+                (m.in_features, m.out_features) for m in self.model.modules() if isinstance(m, Linear)
+            )
         if (path / TOKENIZER_FILE).is_file():
             self.tokenizer = load_tokenizer(path)
         self.eos_token_ids = _eos_ids(path, self.config, self.tokenizer)
         self.pool = KVPool(self.config, self.numerics, num_blocks, block_tokens, max_sequences=max_num_seqs)
         self.chunk_size = chunk_size
-        self.scheduler = Scheduler(self.pool, max_num_seqs, max_num_batched_tokens or chunk_size, chunk_size)
+        # A batch-invariant engine's prompt chunks are never cut short: leave room for one beside the decodes.
+        budget = max_num_batched_tokens or chunk_size + (max_num_seqs if batch_invariant else 0)
+        self.scheduler = Scheduler(self.pool, max_num_seqs, budget, chunk_size, aligned_chunks=batch_invariant)
         self.runner = ModelRunner(self.model, Sampler(torch.Generator().manual_seed(seed)))
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()

@@ -13,6 +13,11 @@ in this step is preempted (possibly itself): its
 cache is freed at once and it goes back to the front of the queue to recompute its prompt and output
 later. Its sampling state (and seeded generator) is kept, so it continues with the very tokens it would
 have produced undisturbed.
+
+With ``aligned_chunks`` (batch-invariant engines) a sequence is always cut the same way, whatever shares
+the step: its prompt in chunks that end at multiples of ``chunk_size`` (a chunk that does not fit whole in
+this step waits for the next), then one token per step - also when a preempted sequence recomputes its
+output - so every token is computed in the very same span as in any other run.
 """
 
 from __future__ import annotations
@@ -51,7 +56,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool, max_num_seqs: int, max_num_batched_tokens: int, chunk_size: int):
+    def __init__(
+        self,
+        pool: KVPool,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        chunk_size: int,
+        aligned_chunks: bool = False,
+    ):
         if min(max_num_seqs, max_num_batched_tokens, chunk_size) < 1:
             raise ValueError(
                 "max_num_seqs, max_num_batched_tokens and chunk_size must be >= 1, got "
@@ -59,8 +71,14 @@ class Scheduler:
             )
         self.pool = pool
         self.max_num_seqs = min(max_num_seqs, pool.max_sequences)
+        if aligned_chunks and max_num_batched_tokens < chunk_size + self.max_num_seqs:
+            raise ValueError(
+                f"aligned chunks need max_num_batched_tokens >= chunk_size + max_num_seqs "
+                f"({chunk_size} + {self.max_num_seqs}), or running decodes could starve a whole chunk"
+            )
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk_size = chunk_size
+        self.aligned_chunks = aligned_chunks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
 
@@ -100,7 +118,9 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop to make room for an older one
-            n = self._grow(seq, min(seq.num_uncomputed, self.chunk_size, budget), scheduled, out)
+            n = self._next_chunk(seq, budget)
+            if n:
+                n = self._grow(seq, n, scheduled, out)
             if n:
                 out.chunks.append(Chunk(seq, seq.num_computed, n))
                 scheduled.add(seq)
@@ -108,7 +128,9 @@ class Scheduler:
 
         # Admitting while others were just preempted would only evict them again.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
-            n = self._admit(self.waiting[0], min(self.waiting[0].num_uncomputed, self.chunk_size, budget))
+            n = self._next_chunk(self.waiting[0], budget)
+            if n:
+                n = self._admit(self.waiting[0], n)
             if n == 0:
                 break
             seq = self.waiting.popleft()
@@ -116,11 +138,21 @@ class Scheduler:
             budget -= n
         return out
 
+    def _next_chunk(self, seq: Sequence, budget: int) -> int:
+        """The length of ``seq``'s next chunk within ``budget`` tokens (0: none in this step)."""
+        if not self.aligned_chunks:
+            return min(seq.num_uncomputed, self.chunk_size, budget)
+        start, prompt = seq.num_computed, len(seq.prompt_ids)
+        n = min((start // self.chunk_size + 1) * self.chunk_size, prompt) - start if start < prompt else 1
+        return n if n <= budget else 0
+
     def _fit(self, seq: Sequence, n: int) -> int:
-        """Most of the wanted ``n`` tokens that ``seq`` can take with the blocks it holds plus the free ones."""
+        """Most of the wanted ``n`` tokens that ``seq`` can take with the blocks it holds plus the free ones
+        (with aligned chunks, all or nothing)."""
         assert seq.cache is not None
         held = len(seq.cache.blocks) + self.pool.num_free_blocks
-        return max(0, min(n, held * self.pool.block_tokens - seq.num_computed))
+        fit = max(0, min(n, held * self.pool.block_tokens - seq.num_computed))
+        return 0 if self.aligned_chunks and fit < n else fit
 
     def _grow(self, seq: Sequence, n: int, scheduled: set[Sequence], out: SchedulerOutput) -> int:
         """Reserve room for up to ``n`` more tokens of a running sequence, preempting the newest sequence not
@@ -147,7 +179,8 @@ class Scheduler:
         """Give a waiting sequence a slot and blocks for its first chunk (as much of ``n`` as fits)."""
         if self.pool.num_free_slots == 0:
             return 0
-        n = min(n, self.pool.num_free_blocks * self.pool.block_tokens)
+        room = self.pool.num_free_blocks * self.pool.block_tokens
+        n = 0 if self.aligned_chunks and n > room else min(n, room)
         if n == 0:
             return 0
         seq.cache = self.pool.new_sequence()

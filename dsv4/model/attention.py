@@ -25,7 +25,7 @@ from dsv4.model.numerics import Numerics
 from dsv4.model.parallel import SINGLE, ParallelContext
 from dsv4.model.quant import fp8_simulate
 from dsv4.model.rope import Rotary
-from dsv4.model.sparse_attention import sparse_attention
+from dsv4.model.sparse_attention import BLOCK, sparse_attention
 
 
 @dataclass
@@ -65,10 +65,18 @@ def window_indices(pos0: int, s: int, window: int, n_before: int) -> torch.Tenso
 
 
 def _assemble(
-    n_rows: int, parts: list[tuple[torch.Tensor | slice, torch.Tensor, torch.Tensor]]
+    n_rows: int, parts: list[tuple[torch.Tensor | slice, torch.Tensor, torch.Tensor]], whole_blocks: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One KV tensor from every part's keys, and every query row's index list into it (-1 padded)."""
-    indices = torch.full((n_rows, max(lists.shape[1] for _, _, lists in parts)), -1, dtype=torch.int64)
+    """One KV tensor from every part's keys, and every query row's index list into it (-1 padded).
+
+    The attention rounds a list's last, partial block of ``BLOCK`` indices according to its width, so a
+    list padded to a longer companion's width computes differently than alone. With ``whole_blocks`` every
+    list is padded to whole blocks, and the blocks of -1 that a companion adds change nothing.
+    """
+    width = max(lists.shape[1] for _, _, lists in parts)
+    if whole_blocks:
+        width = -(-width // BLOCK) * BLOCK
+    indices = torch.full((n_rows, width), -1, dtype=torch.int64)
     offset = 0
     for rows, keys, lists in parts:
         indices[rows, : lists.shape[1]] = torch.where(lists >= 0, lists + offset, -1)
@@ -110,7 +118,7 @@ class Attention(nn.Module):
         cis = self.rotary.at(positions)
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
-        q = self.rotary.rotate(head_rms_normalize(q, self.eps), cis)
+        q = self.rotary.rotate(head_rms_normalize(q, self.eps, self.numerics), cis)
         kv = self.rotary.rotate(self.kv_norm(self.wkv(x)), cis)
         if self.numerics.simulate:  # FP8 for the non-RoPE dims; the RoPE dims keep their precision
             kv = torch.cat([fp8_simulate(kv[:, : self.nope], KV_FP8_BLOCK), kv[:, self.nope :]], dim=-1)
@@ -131,13 +139,13 @@ class Attention(nn.Module):
             if span.length > 1:
                 cache = span.cache.layer(self.layer_index)
                 parts.append((span.rows, *self._gather(span.rows, kv, compressed, indexed, span.pos0, cache)))
-        keys, indices = _assemble(len(x), parts)
+        keys, indices = _assemble(len(x), parts, self.numerics.batch_invariant)
         o = sparse_attention(q, keys, indices, self.attn_sink, self.softmax_scale)
 
         o = self.rotary.rotate(o, cis, inverse=True)
         o = o.view(len(x), self.n_groups, -1)
         wo_a = self.wo_a.dense(x.dtype).view(self.n_groups, self.o_lora_rank, -1)
-        o = torch.einsum("bsgd,grd->bsgr", o[None], wo_a)[0]
+        o = torch.einsum("bsgd,grd->bsgr", self.numerics.pad_rows(o)[None], wo_a)[0, : len(x)]
         return self.wo_b(o.flatten(1))
 
     def _gather_decode(

@@ -14,7 +14,6 @@ produce exactly the entries a one-shot prefill would.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.cache.view import DecodeGroup, LayerCache
@@ -48,7 +47,7 @@ class Compressor(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (kv, gate logits) of every token, computed for a whole batch at once (ape not added yet)."""
         xf = x.float()
-        return F.linear(xf, self.wkv.dense()), F.linear(xf, self.wgate.dense())
+        return self.numerics.linear(xf, self.wkv.dense()), self.numerics.linear(xf, self.wgate.dense())
 
     def forward(self, x: torch.Tensor, pos0: int, cache: LayerCache, name: str) -> torch.Tensor | None:
         """Feed the tokens at positions [pos0, pos0 + len(x)); append and return the entries they complete."""

@@ -8,19 +8,26 @@ All mixing is fp32. Functions, not modules: the parameters live on the block und
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from dsv4.model.numerics import PLAIN, Numerics
 
 
 def sinkhorn_split(
-    mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int, eps: float
+    mixes: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    hc: int,
+    iters: int,
+    eps: float,
+    numerics: Numerics = PLAIN,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split the [..., (2+hc)·hc] mixing logits into pre [.., hc], post [.., hc] and comb [.., hc, hc].
 
     The order is the reference kernel's: one row softmax (+eps), one column normalisation, then
     (iters-1) x (row, column) normalisations, eps added to every sum; it ends column-normalised.
     """
-    pre = torch.sigmoid(mixes[..., :hc] * scale[0] + base[:hc]) + eps
-    post = 2 * torch.sigmoid(mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
+    pre = numerics.pointwise(torch.sigmoid, mixes[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * numerics.pointwise(torch.sigmoid, mixes[..., hc : 2 * hc] * scale[1] + base[hc : 2 * hc])
     comb = (mixes[..., 2 * hc :] * scale[2] + base[2 * hc :]).unflatten(-1, (hc, hc))
     # exp(c - max) / sum written out: torch.softmax's fused kernel differs from the reference by an ulp
     comb = (comb - comb.amax(dim=-1, keepdim=True)).exp()
@@ -32,11 +39,11 @@ def sinkhorn_split(
     return pre, post, comb
 
 
-def _normalized_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+def _normalized_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float, numerics: Numerics) -> torch.Tensor:
     """x [n, hc, d] -> fp32 mixing logits; the RMS factor is applied after the projection, as the reference."""
     flat = x.flatten(-2).float()
     rsqrt = torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
-    return F.linear(flat, fn) * rsqrt
+    return numerics.linear(flat, fn) * rsqrt
 
 
 def hc_pre(
@@ -47,10 +54,11 @@ def hc_pre(
     iters: int,
     hc_eps: float,
     norm_eps: float,
+    numerics: Numerics = PLAIN,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [n, hc, d] -> (collapsed sub-layer input [n, d] in x's dtype, post [n, hc], comb [n, hc, hc])."""
-    mixes = _normalized_mixes(x, fn, norm_eps)
-    pre, post, comb = sinkhorn_split(mixes, scale, base, x.shape[-2], iters, hc_eps)
+    mixes = _normalized_mixes(x, fn, norm_eps, numerics)
+    pre, post, comb = sinkhorn_split(mixes, scale, base, x.shape[-2], iters, hc_eps, numerics)
     collapsed = torch.sum(pre.unsqueeze(-1) * x.float(), dim=-2)
     return collapsed.to(x.dtype), post, comb
 
@@ -62,9 +70,15 @@ def hc_post(out: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb:
 
 
 def hc_head(
-    x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_eps: float, norm_eps: float
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    hc_eps: float,
+    norm_eps: float,
+    numerics: Numerics = PLAIN,
 ) -> torch.Tensor:
     """Collapse the streams before the final norm: sigmoid weights, no Sinkhorn, no post."""
-    mixes = _normalized_mixes(x, fn, norm_eps)
-    pre = torch.sigmoid(mixes * scale + base) + hc_eps
+    mixes = _normalized_mixes(x, fn, norm_eps, numerics)
+    pre = numerics.pointwise(torch.sigmoid, mixes * scale + base) + hc_eps
     return torch.sum(pre.unsqueeze(-1) * x.float(), dim=-2).to(x.dtype)

@@ -52,7 +52,8 @@ class Indexer(nn.Module):
         s = len(q)
         if n_entries == 0:
             return torch.empty(s, 0, dtype=torch.int64)
-        pieces = cache.entry_pieces("index")
+        # Batch-invariant numerics pad a short key list: CPU GEMMs round by their column count below 12.
+        pieces = [self.numerics.pad_rows(piece) for piece in cache.entry_pieces("index")]
         usable = (torch.arange(pos0, pos0 + s) + 1) // self.ratio  # entries [0, usable) are complete
         k = min(self.topk, n_entries)
         chunk = max(1, SCORE_CHUNK_ELEMENTS // (q.shape[1] * n_entries))

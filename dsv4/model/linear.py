@@ -9,7 +9,6 @@ equals its per-block FP8 kernels bit for bit in bf16 and to 4e-6 in fp32.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import FP4_BLOCK, QUANT_BLOCK
@@ -65,9 +64,9 @@ class Linear(nn.Module):
         if self.quantized:
             # FP8/FP4 GEMM: activations quantised to FP8 in blocks of 128 (simulated), fp32 accumulation,
             # output in the activation dtype.
-            return quantized_linear(x, self.dense(), self.numerics.simulate)
+            return quantized_linear(x, self.dense(), self.numerics.simulate, self.numerics.linear)
         # bf16 weights run as a plain matmul in the activation dtype (bf16 when serving, fp32 otherwise).
-        return F.linear(x, self.dense(x.dtype))
+        return self.numerics.linear(x, self.dense(x.dtype))
 
 
 class ColumnParallelLinear(Linear):

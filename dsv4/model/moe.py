@@ -17,8 +17,9 @@ from dsv4.model.parallel import SINGLE, ParallelContext
 class Gate(nn.Module):
     """Scores every expert in fp32; the bias (score-routed layers) only chooses, it never weights."""
 
-    def __init__(self, config: ModelConfig, spec: LayerSpec):
+    def __init__(self, config: ModelConfig, spec: LayerSpec, numerics: Numerics):
         super().__init__()
+        self.numerics = numerics
         self.topk, self.route_scale = config.n_activated_experts, config.route_scale
         self.weight = nn.Parameter(
             torch.empty(config.n_routed_experts, config.dim, dtype=torch.bfloat16), requires_grad=False
@@ -33,7 +34,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, d] -> (routing weights [n, k] fp32, expert ids [n, k])."""
-        scores = F.softplus(F.linear(x.float(), self.weight.float())).sqrt()
+        scores = self.numerics.pointwise(F.softplus, self.numerics.linear(x.float(), self.weight.float())).sqrt()
         if self.hash_routed:
             experts = self.tid2eid[token_ids]
         else:
@@ -55,14 +56,14 @@ class Expert(nn.Module):
         self.w1 = Linear(dim, inter_dim, fmt, numerics)
         self.w2 = Linear(inter_dim, dim, fmt, numerics)
         self.w3 = Linear(dim, inter_dim, fmt, numerics)
-        self.swiglu_limit = swiglu_limit
+        self.swiglu_limit, self.numerics = swiglu_limit, numerics
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         gate, up = self.w1(x).float(), self.w3(x).float()
         if self.swiglu_limit > 0:
             up = torch.clamp(up, min=-self.swiglu_limit, max=self.swiglu_limit)
             gate = torch.clamp(gate, max=self.swiglu_limit)
-        hidden = F.silu(gate) * up
+        hidden = self.numerics.pointwise(F.silu, gate) * up
         if weight is not None:
             hidden = weight * hidden
         return self.w2(hidden.to(x.dtype))
@@ -73,7 +74,7 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.parallel = config.n_routed_experts, parallel
         self.owned = parallel.owned_experts(config.n_routed_experts)
-        self.gate = Gate(config, spec)
+        self.gate = Gate(config, spec, numerics)
         limit = config.swiglu_limit
         self.experts = nn.ModuleList(
             Expert(config.dim, config.moe_inter_dim, config.expert_dtype, numerics, limit) if e in self.owned else None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv4.model.numerics import PLAIN, Numerics
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -20,10 +22,10 @@ class RMSNorm(nn.Module):
         return (self.weight.float() * x).to(dtype)
 
 
-def head_rms_normalize(q: torch.Tensor, eps: float) -> torch.Tensor:
+def head_rms_normalize(q: torch.Tensor, eps: float, numerics: Numerics = PLAIN) -> torch.Tensor:
     """Weightless per-head RMS normalisation of the queries, in q's own dtype.
 
     The reference squares, averages and multiplies in the activation dtype (bf16 when serving), not in fp32;
-    bit parity needs the same.
+    bit parity needs the same (and in bf16, rsqrt's vectorised and scalar code round differently).
     """
-    return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
+    return q * numerics.pointwise(torch.rsqrt, q.square().mean(-1, keepdim=True) + eps)

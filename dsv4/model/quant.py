@@ -11,6 +11,7 @@ dequantise-then-matmul CPU path (``quantized_linear``) equal to the per-block ke
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -212,15 +213,21 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     return (y * scale).reshape(x.shape).to(x.dtype)
 
 
-def quantized_linear(x: torch.Tensor, weight: torch.Tensor, simulate: bool) -> torch.Tensor:
+def quantized_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    simulate: bool,
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear,
+) -> torch.Tensor:
     """An FP8/FP4-weight Linear on CPU: fp32 matmul against the dequantised fp32 weight (spec §9.3).
 
     With power-of-two scales, every activation-weight product is exact in fp32, so dequantise-then-matmul
     equals the kernels' per-K-block scaled partial sums up to fp32 summation order; with ``simulate`` the
-    activation first goes through the kernels' FP8 block-128 rounding.
+    activation first goes through the kernels' FP8 block-128 rounding. ``linear`` is the matmul (the numerics'
+    own, which batch-invariant numerics pad).
     """
     xs = fp8_simulate(x, 128).float() if simulate else x.float()
-    return F.linear(xs, weight.float()).to(x.dtype)
+    return linear(xs, weight.float()).to(x.dtype)
 
 
 def pack_fp8_entries(x: torch.Tensor, nope: int, block: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

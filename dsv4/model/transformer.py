@@ -32,7 +32,7 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, spec: LayerSpec, numerics: Numerics, parallel: ParallelContext = SINGLE):
         super().__init__()
-        self.config = config
+        self.config, self.numerics = config, numerics
         self.attn = Attention(config, spec, numerics, parallel)
         self.ffn = MoE(config, spec, numerics, parallel)
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
@@ -46,12 +46,13 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """h [T, hc, d] -> [T, hc, d]."""
         c = self.config
+        n = self.numerics
         x, post, comb = hc_pre(
-            h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps
+            h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps, n
         )
         h = hc_post(self.attn(self.attn_norm(x), positions, spans), h, post, comb)
         x, post, comb = hc_pre(
-            h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps
+            h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps, n
         )
         return hc_post(self.ffn(self.ffn_norm(x), token_ids), h, post, comb)
 
@@ -118,8 +119,8 @@ class Transformer(nn.Module):
         self, h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: RMSNorm
     ) -> torch.Tensor:
         c = self.config
-        y = norm(hc_head(h, fn, scale, base, c.hc_eps, c.norm_eps))
-        return F.linear(y.float(), self.head.dense(torch.float32))
+        y = norm(hc_head(h, fn, scale, base, c.hc_eps, c.norm_eps, self.numerics))
+        return self.numerics.linear(y.float(), self.head.dense(torch.float32))
 
     @torch.inference_mode()
     def forward(
