@@ -62,9 +62,13 @@ def assert_pool_empty(llm: LLM) -> None:
     assert llm.pool.used_bytes == 0
 
 
-def run_all(llm: LLM, prompts: list[list[int]], params: SamplingParams, **kwargs) -> list[RequestOutput]:
-    """Queue every prompt, step until all finish, return the final outputs in order."""
-    ids = [llm.add_request(p, params, **kwargs) for p in prompts]
+def run_all(
+    llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], **kwargs
+) -> list[RequestOutput]:
+    """Queue every prompt (with one shared or one per-prompt SamplingParams), step until all finish, return
+    the final outputs in order."""
+    each = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [llm.add_request(p, sp, **kwargs) for p, sp in zip(prompts, each, strict=True)]
     done: dict[str, RequestOutput] = {}
     while llm.has_unfinished:
         done.update((o.request_id, o) for o in llm.step() if o.finished)
@@ -122,6 +126,40 @@ def test_ragged_batch_matches_solo() -> None:
         assert solo.logits is not None and b.logits is not None and solo.logits.shape == (4, 1280)
         assert (solo.logits - b.logits).abs().max() <= BATCH_ATOL
     assert_pool_empty(llm)
+
+
+@pytest.mark.parametrize("mode", ["fp32_nosim", "bf16_official"])
+def test_batch_invariant_ragged_batch_is_exactly_solo(mode: str) -> None:
+    """With batch-invariant numerics each of 8 sequences gets bit for bit its solo logits and, seeded, its
+    solo tokens - in bf16 with the FP8 simulation too, where any 1-ulp difference would cascade. The
+    64-token chunks and the budget (64 + 8) make the batched prompts wait for room and share steps with
+    decodes, unlike the solo ones."""
+    llm = LLM(CKPT, mode, max_num_seqs=8, num_blocks=16, chunk_size=64, batch_invariant=True, progress=False)
+    prompts = random_prompts([1, 7, 64, 127, 128, 129, 200, 333])
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=5, ignore_eos=True) for i in range(8)]
+    batched = run_all(llm, prompts, params, capture_logits=True)
+    for prompt, p, b in zip(prompts, params, batched, strict=True):
+        (solo,) = run_all(llm, [prompt], p, capture_logits=True)
+        assert solo.token_ids == b.token_ids
+        assert solo.logits is not None and b.logits is not None
+        assert torch.equal(solo.logits, b.logits), f"{len(prompt)}-token prompt: {(solo.logits - b.logits).abs().max()}"
+    assert_pool_empty(llm)
+
+
+def test_batch_invariant_preemption_replays_exactly() -> None:
+    """A preempted sequence recomputes its output one token per step, as it first computed it: its logits
+    after resuming are bit-identical to an undisturbed run's."""
+    prompts = random_prompts([250, 249, 248], seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
+    roomy = LLM(CKPT, "bf16_official", max_num_seqs=3, num_blocks=8, batch_invariant=True, progress=False)
+    tight = LLM(CKPT, "bf16_official", max_num_seqs=3, num_blocks=4, batch_invariant=True, progress=False)
+    expected = run_all(roomy, prompts, params, capture_logits=True)
+    got = run_all(tight, prompts, params, capture_logits=True)
+    assert sum(o.metrics.num_preemptions for o in got) > 0
+    for g, e in zip(got, expected, strict=True):
+        assert g.token_ids == e.token_ids and g.logits is not None and e.logits is not None
+        assert torch.equal(g.logits, e.logits)
+    assert_pool_empty(tight)
 
 
 def test_scheduler_budget_and_order(tiny: LLM) -> None:

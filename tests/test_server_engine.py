@@ -211,7 +211,8 @@ def free_port() -> int:
 def test_serve_tiny_random_and_graceful_sigterm(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    command = [sys.executable, "-m", "dsv4.cli", "serve", "--model", "tiny-random", "--port", str(port)]
+    port_args = ["--port", str(port), "--batch-invariant"]
+    command = [sys.executable, "-m", "dsv4.cli", "serve", "--model", "tiny-random", *port_args]
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log_file:
         server = subprocess.Popen(command, env=env, stderr=log_file, text=True)

@@ -41,6 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
         kv_cache_bytes=args.kv_cache_bytes,
         max_model_len=args.max_model_len,
         seed=args.seed,
+        batch_invariant=args.batch_invariant,
     )
     if llm.model is None:
         raise ValueError(f"{args.model} is a preset with shapes only: serve a checkpoint directory or {TINY_RANDOM}")
@@ -89,6 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="size the KV pool to this many bytes")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
+    p.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="each request's logits (and seeded tokens) independent of what it is batched with; slower",
+    )
     p.add_argument(
         "--thinking",
         choices=("on", "off"),
