@@ -2,8 +2,9 @@
 
 Per context length: prefill tokens/s (one prompt of that length), batch-1 decode tokens/s right after it,
 and - dsv4 only - aggregate decode tokens/s with ``--concurrency`` sequences at that context. The
-concurrent sequences are forks of the prefilled one (they share its full cache blocks), so measuring them
-costs one prefill rather than sixteen; the decode work per step is the same as for independent prompts.
+concurrent sequences are copies of the prefilled one, each with its own copy of every cache block, so
+measuring them costs one prefill rather than sixteen while their decode steps do what independent prompts'
+would: read as many distinct bytes, from as many places in the pool.
 
     python benchmarks/engine.py --contexts 2048,8192 --decode-tokens 32
 
@@ -56,14 +57,14 @@ def _step_until(llm: LLM, done) -> float:
 
 
 def _fork(llm: LLM, seq: Sequence, n: int) -> list[Sequence]:
-    """``n`` running copies of ``seq`` at its current state, sharing its cache blocks."""
+    """``n`` running copies of ``seq`` at its current state, each with its own copy of its cache blocks."""
     assert llm.pool is not None and llm.scheduler is not None and seq.cache is not None
     copies = []
     for i in range(n):
         copy = Sequence(f"{seq.request_id}.{i}", seq.prompt_ids, seq.params, llm.eos_token_ids, llm.max_model_len)
         for token in seq.output_ids:
             copy.append(SampledToken(token, None, []), None)
-        copy.cache, copy.num_computed = llm.pool.fork(seq.cache), seq.num_computed
+        copy.cache, copy.num_computed = llm.pool.fork(seq.cache, share_blocks=False), seq.num_computed
         copy.status = SequenceStatus.RUNNING
         llm.scheduler.running.append(copy)
         llm._requests[copy.request_id] = copy
@@ -72,7 +73,7 @@ def _fork(llm: LLM, seq: Sequence, n: int) -> list[Sequence]:
 
 
 def bench_dsv4(path: Path, context: int, decode: int, concurrency: int, chunk_size: int) -> dict[str, float]:
-    blocks = layout.blocks_for(context + 2 * decode + 1) + 2 * concurrency
+    blocks = concurrency * layout.blocks_for(context + 2 * decode + 1)
     llm = LLM(path, "fp32_nosim", max_num_seqs=concurrency, num_blocks=blocks, chunk_size=chunk_size, progress=False)
     prompt = torch.randint(2, llm.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=0.0, max_tokens=2 * decode + 1, ignore_eos=True)

@@ -295,6 +295,29 @@ def test_fork_shares_full_blocks(models: Models, vectors: Vectors) -> None:
     assert pool.num_free_blocks == 5 and pool.num_free_slots == 2 and pool.used_bytes == 0
 
 
+def test_fork_without_sharing_copies_every_block(models: Models, vectors: Vectors) -> None:
+    model = models["fp32_nosim"]
+    pool = KVPool(model.config, "fp32_nosim", num_blocks=5, block_tokens=128, max_sequences=3)
+    ids, decode = vectors["prompt0.input_ids"][:131], vectors["prompt0.decode_ids"]
+    src = pool.new_sequence()
+    pool.reserve(src, len(ids))
+    model(ids, [Span(0, len(ids), 0, src)])
+    copy = pool.fork(src, share_blocks=False)
+    assert not set(copy.blocks) & set(src.blocks) and len(copy.blocks) == 2
+    assert all(pool.refcount(b) == 1 for b in [*src.blocks, *copy.blocks])
+    with pytest.raises(PoolExhausted):  # a slot is free, but only one of the two blocks a copy needs
+        pool.fork(src, share_blocks=False)
+    assert pool.num_free_blocks == 1 and pool.num_free_slots == 1
+    logits = []
+    for seq in (src, copy):
+        pool.reserve(seq, 1)
+        logits.append(model(decode[:1], [Span(0, 1, 131, seq)]).logits)
+    _assert_bit_identical(logits[1], logits[0], "a copied fork continues like its source")
+    for seq in (src, copy):
+        pool.free(seq)
+    assert pool.num_free_blocks == 5 and pool.used_bytes == 0
+
+
 def test_reserve_when_full_changes_nothing(config: ModelConfig) -> None:
     pool = KVPool(config, "fp32_nosim", num_blocks=2, block_tokens=128, max_sequences=2)
     a, b = pool.new_sequence(), pool.new_sequence()

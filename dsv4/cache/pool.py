@@ -428,22 +428,25 @@ class KVPool:
         if taken:
             seq._set_blocks(seq.blocks + taken)
 
-    def fork(self, src: PagedSequence) -> PagedSequence:
+    def fork(self, src: PagedSequence, share_blocks: bool = True) -> PagedSequence:
         """A new sequence continuing from exactly where ``src`` is: its full blocks are shared, a partial
-        last block is copied, and the state slot is copied. Raises ``PoolExhausted`` (changing nothing) if
-        no slot, or no block for the copy, is free."""
+        last block is copied, and the state slot is copied. With ``share_blocks=False`` every block is
+        copied: the fork then holds what an independent sequence with the same tokens would (the engine
+        benchmark's concurrent sequences, which must not share memory). Raises ``PoolExhausted`` (changing
+        nothing) if no slot, or not enough blocks for the copies, are free."""
         self._check(src)
         full, partial = divmod(src.num_tokens, self.block_tokens)
-        if not self._free_slots or (partial and not self._free_blocks):
-            raise PoolExhausted("fork needs a free state slot and, mid-block, one free block")
+        shared = full if share_blocks else 0
+        to_copy = src.blocks[shared : full + (partial > 0)]
+        if not self._free_slots or len(to_copy) > len(self._free_blocks):
+            raise PoolExhausted(f"fork needs a free state slot and {len(to_copy)} free block(s)")
         dst = self.new_sequence()
-        blocks = src.blocks[:full]
+        blocks = src.blocks[:shared]
         for b in blocks:
             self._refcounts[b] += 1
-        if partial:
+        for old in to_copy:
             copy = self._free_blocks.pop()
             self._refcounts[copy] = 1
-            old = src.blocks[full]
             for store in self.stores:
                 for rows in store.entries.values():
                     span = torch.arange(store.per_block)

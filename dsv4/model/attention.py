@@ -159,8 +159,8 @@ class Attention(nn.Module):
         """``_gather`` for S sequences adding one token each, their cache reads done together: keys
         [S·window + S·k, d] (each member's window, then its k entries) and each query's list [S, window + k].
 
-        The lists hold the same keys in the same order as ``_gather``'s (window rows oldest first, then
-        the entries in top-k order), so each query's attention is computed exactly as on its own.
+        The lists name the same keys in the same order as ``_gather``'s (window rows oldest first, then the
+        entries in top-k order), so each query attends to exactly what it would on its own.
         """
         caches = [span.cache.layer(self.layer_index) for span in spans]
         positions = torch.tensor([span.pos0 for span in spans])
