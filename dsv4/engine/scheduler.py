@@ -143,7 +143,10 @@ class Scheduler:
         if not self.aligned_chunks:
             return min(seq.num_uncomputed, self.chunk_size, budget)
         start, prompt = seq.num_computed, len(seq.prompt_ids)
-        n = min((start // self.chunk_size + 1) * self.chunk_size, prompt) - start if start < prompt else 1
+        if start < prompt:  # up to the next multiple of chunk_size, or the prompt's end
+            n = min((start // self.chunk_size + 1) * self.chunk_size, prompt) - start
+        else:  # output tokens, recomputed after a preemption as they were first computed: one per step
+            n = 1
         return n if n <= budget else 0
 
     def _fit(self, seq: Sequence, n: int) -> int:

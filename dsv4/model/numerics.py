@@ -24,9 +24,9 @@ import torch.nn.functional as F
 # 4096 rounds alike, for all the model's shapes). Batch-invariant numerics pad up to this many rows, and
 # ``check_batch_invariance`` verifies the threshold on the machine at hand.
 INVARIANT_ROWS = 16
-# Elementwise ops whose vectorised body and scalar tail round differently on CPU (sigmoid, softplus, silu;
-# exp and sqrt agree) give an element different bits depending on where the tensor ends. Batch-invariant
-# numerics run them on whole multiples of this many elements.
+# Elementwise ops whose vectorised body and scalar tail round differently on CPU (sigmoid, softplus, silu,
+# bf16 rsqrt; exp and fp32 sqrt/rsqrt agree) give an element different bits depending on where the tensor
+# ends. Batch-invariant numerics run them on whole multiples of this many elements.
 INVARIANT_ELEMENTS = 64
 
 
