@@ -78,9 +78,7 @@ class Compressor(nn.Module):
                 start -= r
             lo, hi = r * (first - 1) - start, r * last - start
             windows_kv, windows_score = kv[lo:hi].unflatten(0, (-1, r)), score[lo:hi].unflatten(0, (-1, r))
-            # slots 0..r-1: first halves of the previous window; r..2r-1: second halves of the current one
-            kv = torch.cat([windows_kv[:-1, :, :c], windows_kv[1:, :, c:]], dim=1)
-            score = torch.cat([windows_score[:-1, :, :c], windows_score[1:, :, c:]], dim=1)
+            kv, score = self._slots(windows_kv[:-1], windows_kv[1:]), self._slots(windows_score[:-1], windows_score[1:])
         else:
             lo, hi = r * first - start, r * last - start
             kv, score = kv[lo:hi].unflatten(0, (-1, r)), score[lo:hi].unflatten(0, (-1, r))
@@ -91,7 +89,7 @@ class Compressor(nn.Module):
     def pool_group(self, kv: torch.Tensor, score: torch.Tensor, group: DecodeGroup, name: str) -> None:
         """``pool`` for one token of each member of a decode group (kv, score [S, coff·c]): every frontier
         grows by a row, and the members whose token completes a window get their entry."""
-        r, c = self.ratio, self.head_dim
+        r = self.ratio
         positions = group.positions
         score = score + self.ape[positions % r]
         tail = 2 * r if self.overlap else r
@@ -103,10 +101,15 @@ class Compressor(nn.Module):
         if self.overlap:
             first = starts == 0  # entry 0 has no previous window: its slots weigh nothing
             kv[first, :r], score[first, :r] = 0.0, float("-inf")
-            kv = torch.cat([kv[:, :r, :c], kv[:, r:, c:]], dim=1)
-            score = torch.cat([score[:, :r, :c], score[:, r:, c:]], dim=1)
+            kv, score = self._slots(kv[:, :r], kv[:, r:]), self._slots(score[:, :r], score[:, r:])
         group.append_entries(name, done, self._finish(self._pooled(kv, score), starts))
         group.trim_frontier(name, done, r if self.overlap else 0)
+
+    def _slots(self, previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """Ratio-4 pooling slots [n, 2r, c] from windows [n, r, 2c]: slots 0..r-1 the first halves of the
+        previous window's tokens, r..2r-1 the second halves of the current window's."""
+        c = self.head_dim
+        return torch.cat([previous[..., :c], current[..., c:]], dim=-2)
 
     @staticmethod
     def _pooled(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
