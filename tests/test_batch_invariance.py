@@ -44,6 +44,22 @@ def test_pointwise_elements_do_not_depend_on_the_tensor_size(fn, dtype: torch.dt
         assert torch.equal(INVARIANT.pointwise(fn, x[:m]), full[:m]), f"{m} rows"
 
 
+@pytest.mark.parametrize("fn", [torch.sigmoid, F.silu], ids=lambda f: f.__name__)
+def test_pointwise_elements_do_not_depend_on_threads(fn) -> None:
+    """Above 32K elements torch splits elementwise work between threads; the padded ops still round each
+    element alike at 1 and 2 threads and whatever the tensor's length."""
+    big = torch.randn(200_777, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = INVARIANT.pointwise(fn, big)
+        torch.set_num_threads(2)
+        for n in (40_000, 65_537, 131_072, 200_777):
+            assert torch.equal(INVARIANT.pointwise(fn, big[:n]), want[:n]), f"{n} elements"
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_plain_numerics_change_nothing() -> None:
     x, w = torch.randn(3, 256), torch.randn(128, 256)
     plain = N.MODES["fp32_nosim"]
