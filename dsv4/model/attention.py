@@ -25,7 +25,7 @@ from dsv4.model.numerics import Numerics
 from dsv4.model.parallel import SINGLE, ParallelContext
 from dsv4.model.quant import fp8_simulate
 from dsv4.model.rope import Rotary
-from dsv4.model.sparse_attention import BLOCK, sparse_attention
+from dsv4.model.sparse_attention import BLOCK, keys_with_zero_row, sparse_attention_on_keys
 
 
 @dataclass
@@ -65,9 +65,10 @@ def window_indices(pos0: int, s: int, window: int, n_before: int) -> torch.Tenso
 
 
 def _assemble(
-    n_rows: int, parts: list[tuple[torch.Tensor | slice, torch.Tensor, torch.Tensor]], whole_blocks: bool
+    n_rows: int, parts: list[tuple[torch.Tensor | slice, list[torch.Tensor], torch.Tensor]], whole_blocks: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One KV tensor from every part's keys, and every query row's index list into it (-1 padded).
+    """One KV tensor from every part's keys (``keys_with_zero_row``), and every query row's index list
+    into it (-1 padded).
 
     The attention rounds a list's last, partial block of ``BLOCK`` indices according to its width, so a
     list padded to a longer companion's width computes differently than alone. With ``whole_blocks`` every
@@ -80,8 +81,8 @@ def _assemble(
     offset = 0
     for rows, keys, lists in parts:
         indices[rows, : lists.shape[1]] = torch.where(lists >= 0, lists + offset, -1)
-        offset += len(keys)
-    return torch.cat([keys for _, keys, _ in parts]), indices
+        offset += sum(len(k) for k in keys)
+    return keys_with_zero_row([k for _, keys, _ in parts for k in keys]), indices
 
 
 class Attention(nn.Module):
@@ -140,7 +141,7 @@ class Attention(nn.Module):
                 cache = span.cache.layer(self.layer_index)
                 parts.append((span.rows, *self._gather(span.rows, kv, compressed, indexed, span.pos0, cache)))
         keys, indices = _assemble(len(x), parts, self.numerics.batch_invariant)
-        o = sparse_attention(q, keys, indices, self.attn_sink, self.softmax_scale)
+        o = sparse_attention_on_keys(q, keys, indices, self.attn_sink, self.softmax_scale)
 
         o = self.rotary.rotate(o, cis, inverse=True)
         o = o.view(len(x), self.n_groups, -1)
@@ -155,9 +156,10 @@ class Attention(nn.Module):
         kv: torch.Tensor,
         compressed: tuple[torch.Tensor, torch.Tensor] | None,
         indexed: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_gather`` for S sequences adding one token each, their cache reads done together: keys
-        [S·window + S·k, d] (each member's window, then its k entries) and each query's list [S, window + k].
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``_gather`` for S sequences adding one token each, their cache reads done together: the keys
+        (every member's window [S·window, d], then every member's k entries [S·k, d]) and each query's list
+        [S, window + k] into them.
 
         The lists name the same keys in the same order as ``_gather``'s (window rows oldest first, then the
         entries in top-k order), so each query attends to exactly what it would on its own.
@@ -175,7 +177,7 @@ class Attention(nn.Module):
 
         ratio = self.spec.compress_ratio
         if not ratio:
-            return keys, lists
+            return [keys], lists
         if indexed is not None:
             q_index, weights, (index_kv, index_score) = indexed
             self.indexer.compressor.pool_group(index_kv[rows], index_score[rows], group, "index")
@@ -186,10 +188,10 @@ class Attention(nn.Module):
             chosen = torch.where(j < ((positions + 1) // ratio).unsqueeze(1), j, -1)
         k = chosen.shape[1]
         if k == 0:
-            return keys, lists
-        entries = group.entries("kv", chosen).flatten(0, 1).to(kv.dtype)
+            return [keys], lists
+        entries = group.entries("kv", chosen).flatten(0, 1)
         at = len(keys) + torch.arange(n * k).view(n, k)
-        return torch.cat([keys, entries]), torch.cat([lists, torch.where(chosen >= 0, at, -1)], dim=1)
+        return [keys, entries], torch.cat([lists, torch.where(chosen >= 0, at, -1)], dim=1)
 
     def _gather(
         self,
@@ -199,13 +201,15 @@ class Attention(nn.Module):
         indexed: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None,
         pos0: int,
         cache: LayerCache,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """One sequence's chunk at positions [pos0, pos0 + s): update its cache and return the keys its
-        queries may see (window rows, then compressed entries) with each query's index list into them."""
+        queries may see (window rows, then compressed entries, as pieces) with each query's index list
+        into them."""
         kv = kv[rows]
         s = len(kv)
         before = cache.window(pos0)
-        keys = torch.cat([before.to(kv.dtype), kv]) if len(before) else kv
+        keys = [before, kv] if len(before) else [kv]
+        n_window = len(before) + s
         indices = window_indices(pos0, s, self.window, len(before))
         cache.write_window(kv, pos0)
 
@@ -221,12 +225,12 @@ class Attention(nn.Module):
             valid = chosen >= 0
             needed, local = torch.unique(chosen[valid], return_inverse=True)
             entry_indices = torch.full_like(chosen, -1)
-            entry_indices[valid] = local + len(keys)
-            entries = cache.entries("kv", needed) if len(needed) else keys[:0]
+            entry_indices[valid] = local + n_window
+            entries = cache.entries("kv", needed) if len(needed) else kv[:0]
         else:  # HCA: every complete entry
             n = cache.num_entries("kv")
             usable = (torch.arange(pos0, pos0 + s) + 1) // ratio
             j = torch.arange(n)
-            entry_indices = torch.where(j < usable[:, None], j + len(keys), -1)
-            entries = cache.entries("kv") if n else keys[:0]
-        return torch.cat([keys, entries.to(kv.dtype)]), torch.cat([indices, entry_indices], dim=1)
+            entry_indices = torch.where(j < usable[:, None], j + n_window, -1)
+            entries = cache.entries("kv") if n else kv[:0]
+        return [*keys, entries], torch.cat([indices, entry_indices], dim=1)

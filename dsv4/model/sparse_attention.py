@@ -30,9 +30,21 @@ def sparse_attention(
     Vectorised over queries and heads; only the K/64 index blocks are looped over, so the working set is
     O(T·64·D + T·H·64) per block and never O(T·N).
     """
-    # Keys in fp32 once, plus one zero row that every -1 slot reads (as the kernel loads zeros for them):
-    # invalid slots then add exactly nothing to P·V without a masking pass over each gathered block.
-    keys = torch.cat([kv.float(), kv.new_zeros(1, kv.shape[-1], dtype=torch.float32)])
+    return sparse_attention_on_keys(q, keys_with_zero_row([kv]), idx, sink, scale)
+
+
+def keys_with_zero_row(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The KV rows of ``parts`` in fp32, in one tensor that ends with a zero row: every -1 slot reads it
+    (as the kernel loads zeros for them), so invalid slots add exactly nothing to P·V without a masking
+    pass over each gathered block. One copy joins the parts and appends the row."""
+    dim = parts[0].shape[-1]
+    return torch.cat([*(p.float() for p in parts), parts[0].new_zeros(1, dim, dtype=torch.float32)])
+
+
+def sparse_attention_on_keys(
+    q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``sparse_attention`` with its keys already built by ``keys_with_zero_row``."""
     chunk = max(1, QUERY_CHUNK_ELEMENTS // (BLOCK * q.shape[-1]))
     out = [_attend(q[i : i + chunk], keys, idx[i : i + chunk], sink, scale) for i in range(0, len(q), chunk)]
     return out[0] if len(out) == 1 else torch.cat(out)
