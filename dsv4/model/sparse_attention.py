@@ -36,7 +36,7 @@ def sparse_attention(
 def keys_with_zero_row(parts: list[torch.Tensor]) -> torch.Tensor:
     """The KV rows of ``parts`` in fp32, in one tensor that ends with a zero row: every -1 slot reads it
     (as the kernel loads zeros for them), so invalid slots add exactly nothing to P·V without a masking
-    pass over each gathered block. One copy joins the parts and appends the row."""
+    pass over each gathered block. fp32 parts are copied once, to join them and append the row."""
     dim = parts[0].shape[-1]
     return torch.cat([*(p.float() for p in parts), parts[0].new_zeros(1, dim, dtype=torch.float32)])
 
