@@ -464,6 +464,97 @@ class KVPool:
             d.end, d.pending, d.counts = s.end, dict(s.pending), dict(s.counts)
         return dst
 
+    # ------------------------------------------------------------------ persistence (the session disk tier)
+    def export_block(self, block: int) -> dict[str, torch.Tensor]:
+        """The stored rows of one block, every compressed layer's segments, as copies in their stored dtypes."""
+        out = {}
+        for store in self.stores:
+            first = block * store.per_block
+            for name, rows in store.entries.items():
+                for i, t in enumerate(rows.tensors):
+                    out[f"layer{store.spec.index}.{name}.{i}"] = t[first : first + store.per_block].clone()
+        return out
+
+    def export_state(self, seq: PagedSequence) -> dict[str, torch.Tensor]:
+        """What ``seq`` holds beyond its full blocks: its state slot (window ring, the live frontier rows), its
+        positions and counts, and the rows of a partial last block. With the full blocks' exports, enough to
+        rebuild the sequence bit for bit in another pool of the same layout (``import_sequence``)."""
+        self._check(seq)
+        full, partial = divmod(seq.num_tokens, self.block_tokens)
+        out: dict[str, torch.Tensor] = {}
+        for store, layer in zip(self.stores, seq.layers, strict=True):
+            prefix = f"layer{store.spec.index}"
+            w = store.window
+            for i, t in enumerate(store.ring.tensors):
+                out[f"{prefix}.ring.{i}"] = t[seq.slot * w : (seq.slot + 1) * w].clone()
+            for name, (kv, score) in store.frontiers.items():
+                n = layer.pending[name]
+                out[f"{prefix}.frontier.{name}.kv"] = kv[seq.slot, :n].clone()
+                out[f"{prefix}.frontier.{name}.score"] = score[seq.slot, :n].clone()
+            counts = [layer.end, *(layer.pending[k] for k in sorted(layer.pending))]
+            counts += [layer.counts[k] for k in sorted(layer.counts)]
+            out[f"{prefix}.counts"] = torch.tensor(counts, dtype=torch.int64)
+        if partial:
+            for key, t in self.export_block(seq.blocks[full]).items():
+                out[f"partial.{key}"] = t
+        return out
+
+    def import_sequence(
+        self, num_tokens: int, blocks: list[dict[str, torch.Tensor]], state: dict[str, torch.Tensor]
+    ) -> PagedSequence:
+        """A new sequence holding what ``export_block``/``export_state`` wrote for a sequence of ``num_tokens``
+        tokens. Raises ``PoolExhausted`` (changing nothing) without a free slot and enough free blocks, and
+        ``ValueError`` (changing nothing) when the tensors do not fit this pool's layout."""
+        full, partial = divmod(num_tokens, self.block_tokens)
+        if len(blocks) != full:
+            raise ValueError(f"{num_tokens} tokens need {full} full blocks, got {len(blocks)}")
+        parts = [*blocks, {k.removeprefix("partial."): v for k, v in state.items() if k.startswith("partial.")}]
+        need = full + (partial > 0)
+        self._check_rows(parts[: need if partial else full])
+        if not self._free_slots or need > len(self._free_blocks):
+            raise PoolExhausted(f"importing a sequence needs a free state slot and {need} free block(s)")
+        seq = self.new_sequence()
+        try:
+            self.reserve(seq, num_tokens)
+            for block, part in zip(seq.blocks, parts[: len(seq.blocks)], strict=True):
+                self._write_block(block, part)
+            for store, layer in zip(self.stores, seq.layers, strict=True):
+                prefix = f"layer{store.spec.index}"
+                w = store.window
+                for i, t in enumerate(store.ring.tensors):
+                    _raw(t)[seq.slot * w : (seq.slot + 1) * w] = _raw(state[f"{prefix}.ring.{i}"])
+                counts = state[f"{prefix}.counts"].tolist()
+                layer.end = counts[0]
+                names = sorted(layer.pending)
+                layer.pending = dict(zip(names, counts[1 : 1 + len(names)], strict=True))
+                layer.counts = dict(zip(sorted(layer.counts), counts[1 + len(names) :], strict=True))
+                for name, (kv, score) in store.frontiers.items():
+                    n = layer.pending[name]
+                    kv[seq.slot, :n] = state[f"{prefix}.frontier.{name}.kv"]
+                    score[seq.slot, :n] = state[f"{prefix}.frontier.{name}.score"]
+            if seq.num_tokens != num_tokens:
+                raise ValueError(f"the state holds {seq.num_tokens} tokens, not {num_tokens}")
+        except (KeyError, RuntimeError, ValueError) as error:
+            self.free(seq)
+            raise ValueError(f"the stored sequence does not fit this pool: {error}") from None
+        return seq
+
+    def _check_rows(self, parts: list[dict[str, torch.Tensor]]) -> None:
+        for part in parts:
+            for store in self.stores:
+                for name, rows in store.entries.items():
+                    for i, t in enumerate(rows.tensors):
+                        got = part.get(f"layer{store.spec.index}.{name}.{i}")
+                        if got is None or got.shape != (store.per_block, t.shape[1]) or got.dtype != t.dtype:
+                            raise ValueError(f"layer {store.spec.index} {name!r}: stored rows do not match the pool")
+
+    def _write_block(self, block: int, rows_by_name: dict[str, torch.Tensor]) -> None:
+        for store in self.stores:
+            span = block * store.per_block + torch.arange(store.per_block)
+            for name, rows in store.entries.items():
+                for i, t in enumerate(rows.tensors):
+                    _raw(t)[span] = _raw(rows_by_name[f"layer{store.spec.index}.{name}.{i}"])
+
     def free(self, seq: PagedSequence) -> None:
         """Release ``seq``'s slot and its references to its blocks, at once."""
         self._check(seq)
@@ -486,6 +577,14 @@ class KVPool:
     @property
     def num_free_slots(self) -> int:
         return len(self._free_slots)
+
+    @property
+    def block_nbytes(self) -> int:
+        return self._block_nbytes
+
+    @property
+    def slot_nbytes(self) -> int:
+        return self._slot_nbytes
 
     @property
     def used_bytes(self) -> int:
