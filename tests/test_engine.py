@@ -57,7 +57,12 @@ def tiny(tiny_dir: Path) -> LLM:
 
 
 def assert_pool_empty(llm: LLM) -> None:
+    """No sequence holds anything: what the pool still holds belongs to prefix-cache checkpoints, and
+    dropping them frees every block and slot (reference counts are exact)."""
     assert llm.pool is not None and not llm.has_unfinished
+    assert llm.pool.used_bytes == llm.prefix_stats().cached_bytes
+    if llm.prefix_cache is not None:
+        llm.prefix_cache.clear()
     assert llm.pool.num_free_blocks == llm.pool.num_blocks
     assert llm.pool.num_free_slots == llm.pool.max_sequences
     assert llm.pool.used_bytes == 0
@@ -355,4 +360,4 @@ def test_tiny_random_is_a_model_name_everywhere(tmp_path, monkeypatch) -> None:
     assert llm.model is not None and (tmp_path / "dsv4" / "tiny-random" / "tokenizer.json").is_file()
     (out,) = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     assert len(out.token_ids) == 3
-    assert llm.pool is not None and llm.pool.used_bytes == 0
+    assert llm.pool is not None and llm.pool.used_bytes == llm.prefix_stats().cached_bytes

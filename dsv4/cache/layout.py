@@ -298,3 +298,24 @@ def sequence_bytes(config: ModelConfig, mode: str, context: int, block_tokens: i
         state_bytes_per_sequence(config, mode).total
         + blocks_for(context, block_tokens) * block_bytes(config, mode, block_tokens).total
     )
+
+
+# A long prompt is checkpointed every so many tokens that its checkpoints add at most 1/4 to the bytes of
+# the blocks they let a request branch from (a branch then recomputes at most one interval).
+CHECKPOINT_OVERHEAD = Fraction(1, 4)
+
+
+def checkpoint_bytes(config: ModelConfig, mode: str, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> int:
+    """What one prefix-cache checkpoint holds beyond the blocks it shares: a state slot, plus a copy of a
+    partial last block when it does not end on a block boundary (counted here: the worst case)."""
+    return state_bytes_per_sequence(config, mode).total + block_bytes(config, mode, block_tokens).total
+
+
+def checkpoint_interval(config: ModelConfig, mode: str, step: int) -> int:
+    """The default distance between checkpoints inside a long prompt: the smallest multiple of ``step`` (the
+    chunk and block grid) at which a checkpoint's state costs at most ``CHECKPOINT_OVERHEAD`` of the
+    context it covers."""
+    per_token = bytes_per_token(config, mode).total
+    state = state_bytes_per_sequence(config, mode).total
+    tokens = math.ceil(state / (CHECKPOINT_OVERHEAD * per_token)) if per_token else step
+    return max(step, -(-tokens // step) * step)

@@ -9,18 +9,23 @@ the same step.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import math
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from dsv4.cache import layout
+from dsv4.cache.disk import SessionStore
 from dsv4.cache.pool import KVPool
+from dsv4.cache.prefix import PrefixCache, PrefixCacheStats
 from dsv4.chat.tokenizer import TOKENIZER_FILE, ChatTokenizer, load_tokenizer
 from dsv4.checkpoint import load_checkpoint, open_checkpoint_config
 from dsv4.config import PRESETS_DIR, ModelConfig
@@ -44,6 +49,10 @@ DEFAULT_CACHE_TOKENS_PER_SEQUENCE = 16384
 # benchmark's small config ran at 499 tok/s in 512-token chunks, 384 in 2048-token ones); a GPU engine
 # would want larger ones.
 DEFAULT_CHUNK_SIZE = 512
+# Checkpoint slots per running sequence: an agent session needs about two live ones (the end of its last
+# prompt and of its last output), long prompts a few more; the rest is room for sessions that wait.
+CHECKPOINT_SLOTS_PER_SEQUENCE = 4
+DEFAULT_SESSION_DISK_BYTES = 16 * 2**30
 # A prefill progress bar is worth drawing once the prompts take more than this many steps.
 PROGRESS_MIN_CHUNKS = 4
 
@@ -73,6 +82,7 @@ class RequestOutput:
     stop_reason: str | int | None  # the stop string or stop token that matched
     metrics: RequestMetrics
     logits: torch.Tensor | None = None  # [len(token_ids), vocab], with capture_logits
+    num_cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of computed
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -95,6 +105,7 @@ def _output(seq: Sequence) -> RequestOutput:
         stop_reason=seq.stop_reason,
         metrics=RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_preemptions),
         logits=torch.stack(seq.logits) if seq.logits else None,
+        num_cached_tokens=seq.num_cached_tokens,
     )
 
 
@@ -111,6 +122,30 @@ def _eos_ids(path: Path, config: ModelConfig, tokenizer: ChatTokenizer | None) -
     return sorted(ids)
 
 
+def session_fingerprint(path: Path, config: ModelConfig, numerics: str, block_tokens: int) -> dict[str, Any]:
+    """What a session file must have been written with to be used: the model's shapes, its weights, the
+    numerics mode and the cache layout. Weights are identified by each shard's name, size and a digest of its
+    first and last MiB (hashing 160 GB at every start-up is out of the question; any two checkpoints that
+    differ differ there, since the header lists every tensor and random or trained data fills the rest)."""
+    weights = hashlib.blake2b(digest_size=16)
+    for shard in sorted(path.glob("*.safetensors")):
+        size = shard.stat().st_size
+        with shard.open("rb") as f:
+            weights.update(f"{shard.name}:{size}".encode())
+            weights.update(f.read(2**20))
+            f.seek(max(0, size - 2**20))
+            weights.update(f.read(2**20))
+    formats = [layout.entry_format(config, numerics), layout.window_row_format(config, numerics)]
+    formats.append(layout.indexer_key_format(config, numerics))
+    return {
+        "config": repr(config),
+        "weights": weights.hexdigest(),
+        "numerics": numerics,
+        "block_tokens": block_tokens,
+        "formats": repr(formats),
+    }
+
+
 class LLM:
     """An engine over one model: continuous batching, chunked prefill and a paged KV pool.
 
@@ -121,6 +156,11 @@ class LLM:
     ``max_num_seqs`` fixed-size state slots. ``seed`` drives the requests that have no seed of their own.
     ``batch_invariant`` makes each sequence's logits bit-identical whatever it is batched with (padded small
     GEMMs, whole attention blocks, prompt chunks at fixed boundaries); see ``dsv4.model.numerics``.
+
+    ``prefix_cache`` keeps checkpoints of what requests computed (``dsv4.cache.prefix``), in up to
+    ``checkpoint_slots`` state slots of the pool beyond the ``max_num_seqs`` running ones, taken every
+    ``checkpoint_interval`` tokens inside long prompts (default: ``layout.checkpoint_interval``); with
+    ``session_dir`` they are also written to disk, ``session_disk_bytes`` at most, and survive a restart.
     """
 
     def __init__(
@@ -138,6 +178,11 @@ class LLM:
         seed: int = 0,
         batch_invariant: bool = False,
         progress: bool = True,
+        prefix_cache: bool = True,
+        checkpoint_slots: int | None = None,
+        checkpoint_interval: int | None = None,
+        session_dir: str | Path | None = None,
+        session_disk_bytes: int = DEFAULT_SESSION_DISK_BYTES,
     ):
         self.progress = progress
         self.model: Transformer | None = None
@@ -164,8 +209,15 @@ class LLM:
             return
 
         layout.check_block_tokens(block_tokens)
+        if session_dir is not None and not prefix_cache:
+            raise ValueError("session_dir needs the prefix cache (prefix_cache=True)")
+        if checkpoint_slots is None:
+            checkpoint_slots = CHECKPOINT_SLOTS_PER_SEQUENCE * max_num_seqs if prefix_cache else 0
+        if checkpoint_slots < 0:
+            raise ValueError(f"checkpoint_slots must be >= 0, got {checkpoint_slots}")
+        slots = max_num_seqs + (checkpoint_slots if prefix_cache else 0)
         if num_blocks is None:
-            num_blocks = self._blocks_for(kv_cache_bytes, max_num_seqs, block_tokens)
+            num_blocks = self._blocks_for(kv_cache_bytes, max_num_seqs, slots, block_tokens)
         numerics = replace(get_numerics(self.numerics), batch_invariant=batch_invariant)
         self.model = Transformer(self.config, numerics)
         load_checkpoint(self.model.state_dict(), path, progress=progress)
@@ -177,28 +229,54 @@ class LLM:
         if (path / TOKENIZER_FILE).is_file():
             self.tokenizer = load_tokenizer(path)
         self.eos_token_ids = _eos_ids(path, self.config, self.tokenizer)
-        self.pool = KVPool(self.config, self.numerics, num_blocks, block_tokens, max_sequences=max_num_seqs)
+        self.pool = KVPool(self.config, self.numerics, num_blocks, block_tokens, max_sequences=slots)
         self.chunk_size = chunk_size
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache:
+            disk = None
+            if session_dir is not None:
+                fingerprint = session_fingerprint(path, self.config, self.numerics, block_tokens)
+                disk = SessionStore(session_dir, session_disk_bytes, fingerprint)
+            self.prefix_cache = PrefixCache(self.pool, disk)
+            if checkpoint_interval is None:
+                step = math.lcm(chunk_size, block_tokens)
+                checkpoint_interval = layout.checkpoint_interval(self.config, self.numerics, step)
+        self.checkpoint_interval = checkpoint_interval if prefix_cache else None
         # A batch-invariant engine's prompt chunks are never cut short: leave room for one beside the decodes.
         budget = max_num_batched_tokens or chunk_size + (max_num_seqs if batch_invariant else 0)
-        self.scheduler = Scheduler(self.pool, max_num_seqs, budget, chunk_size, aligned_chunks=batch_invariant)
+        self.scheduler = Scheduler(
+            self.pool,
+            max_num_seqs,
+            budget,
+            chunk_size,
+            aligned_chunks=batch_invariant,
+            prefix_cache=self.prefix_cache,
+            checkpoint_interval=self.checkpoint_interval,
+        )
         self.runner = ModelRunner(self.model, Sampler(torch.Generator().manual_seed(seed)))
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
-    def _blocks_for(self, kv_cache_bytes: int | None, max_num_seqs: int, block_tokens: int) -> int:
+    def _blocks_for(self, kv_cache_bytes: int | None, max_num_seqs: int, slots: int, block_tokens: int) -> int:
         if kv_cache_bytes is None:
             tokens = min(self.max_model_len, DEFAULT_CACHE_TOKENS_PER_SEQUENCE)
             return max_num_seqs * layout.blocks_for(tokens, block_tokens)
-        slots = max_num_seqs * layout.state_bytes_per_sequence(self.config, self.numerics).total
+        slot_bytes = slots * layout.state_bytes_per_sequence(self.config, self.numerics).total
         block = layout.block_bytes(self.config, self.numerics, block_tokens).total
-        blocks = (kv_cache_bytes - slots) // block
+        blocks = (kv_cache_bytes - slot_bytes) // block
         if blocks < 1:
             raise ValueError(
                 f"kv_cache_bytes={kv_cache_bytes} leaves no room for a block ({block} B) next to "
-                f"{max_num_seqs} sequence state slots ({slots} B)"
+                f"{slots} sequence state slots ({slot_bytes} B; checkpoint slots included)"
             )
         return blocks
+
+    def prefix_stats(self) -> PrefixCacheStats:
+        """The prefix cache's counters (zeros without one), with the tokens computed since start-up."""
+        computed = self.scheduler.computed_tokens if self.scheduler is not None else 0
+        if self.prefix_cache is None:
+            return PrefixCacheStats(0, 0, 0, computed, 0)
+        return replace(self.prefix_cache.stats(), computed_tokens=computed)
 
     # ------------------------------------------------------------------ requests
     def _engine(self) -> tuple[Transformer, Scheduler]:

@@ -18,6 +18,17 @@ With ``aligned_chunks`` (batch-invariant engines) a sequence is always cut the s
 the step: its prompt in chunks that end at multiples of ``chunk_size`` (a chunk that does not fit whole in
 this step waits for the next), then one token per step - also when a preempted sequence recomputes its
 output - so every token is computed in the very same span as in any other run.
+
+With a prefix cache (``dsv4.cache.prefix``) a sequence is admitted from the checkpoint of the longest
+cached prefix of its tokens and computes only the rest. Checkpoints are taken where chunks end, so they
+cost no extra forward: at the end of every prompt, every ``checkpoint_interval`` tokens inside a long
+prompt (chunks are cut there), and when a sequence finishes or is aborted its cache becomes the checkpoint
+of what it computed (the state before the stop token), at no cost at all. Checkpoints are evicted before
+any running sequence is preempted. Aligned chunks need more: a token's bits depend on the chunk it was
+computed in (GEMM widths grow with the chunk), so a batch-invariant engine takes and reuses checkpoints
+only where a cold run of any longer prompt cuts as well - at multiples of ``chunk_size`` inside a prompt
+(at each ``checkpoint_interval`` and at the last such multiple before the prompt's end) - and never at the
+end of an output, which a cold run computes in prompt chunks rather than one token per step.
 """
 
 from __future__ import annotations
@@ -26,7 +37,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from dsv4.cache import layout
 from dsv4.cache.pool import KVPool
+from dsv4.cache.prefix import Checkpoint, PrefixCache
 from dsv4.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -63,6 +76,8 @@ class Scheduler:
         max_num_batched_tokens: int,
         chunk_size: int,
         aligned_chunks: bool = False,
+        prefix_cache: PrefixCache | None = None,
+        checkpoint_interval: int | None = None,
     ):
         if min(max_num_seqs, max_num_batched_tokens, chunk_size) < 1:
             raise ValueError(
@@ -79,6 +94,13 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunk_size = chunk_size
         self.aligned_chunks = aligned_chunks
+        self.prefix_cache = prefix_cache
+        if checkpoint_interval is not None and checkpoint_interval < 1:
+            raise ValueError(f"checkpoint_interval must be >= 1, got {checkpoint_interval}")
+        if aligned_chunks and checkpoint_interval:  # checkpoints of aligned engines sit on chunk boundaries
+            checkpoint_interval = -(-checkpoint_interval // chunk_size) * chunk_size
+        self.checkpoint_interval = checkpoint_interval
+        self.computed_tokens = 0  # tokens fed through the model since start-up
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
 
@@ -93,13 +115,14 @@ class Scheduler:
         self.waiting.append(seq)
 
     def abort(self, seq: Sequence) -> None:
-        """Drop ``seq`` wherever it is and free its cache at once."""
+        """Drop ``seq`` wherever it is; what it computed stays as a checkpoint (a client that hangs up and
+        retries finds its prefix), else its cache is freed at once."""
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:
             self.running.remove(seq)
-        self._release(seq)
         seq.finish(FinishReason.ABORT)
+        self._retire(seq)
 
     @property
     def has_unfinished(self) -> bool:
@@ -128,21 +151,25 @@ class Scheduler:
 
         # Admitting while others were just preempted would only evict them again.
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.max_num_seqs:
-            n = self._next_chunk(self.waiting[0], budget)
-            if n:
-                n = self._admit(self.waiting[0], n)
+            seq = self.waiting[0]
+            n = self._admit(seq, budget)
             if n == 0:
                 break
-            seq = self.waiting.popleft()
-            out.chunks.append(Chunk(seq, 0, n))
+            self.waiting.popleft()
+            out.chunks.append(Chunk(seq, seq.num_computed, n))
             budget -= n
         return out
 
-    def _next_chunk(self, seq: Sequence, budget: int) -> int:
-        """The length of ``seq``'s next chunk within ``budget`` tokens (0: none in this step)."""
+    def _next_chunk(self, seq: Sequence, budget: int, start: int | None = None) -> int:
+        """The length of ``seq``'s next chunk from ``start`` (default: what it has computed) within ``budget``
+        tokens (0: none in this step)."""
+        start = seq.num_computed if start is None else start
+        prompt = len(seq.prompt_ids)
         if not self.aligned_chunks:
-            return min(seq.num_uncomputed, self.chunk_size, budget)
-        start, prompt = seq.num_computed, len(seq.prompt_ids)
+            n = min(seq.num_tokens - start, self.chunk_size, budget)
+            if self.checkpoint_interval and start < prompt:  # end on the next checkpoint position
+                n = min(n, (start // self.checkpoint_interval + 1) * self.checkpoint_interval - start)
+            return n
         if start < prompt:  # up to the next multiple of chunk_size, or the prompt's end
             n = min((start // self.chunk_size + 1) * self.chunk_size, prompt) - start
         else:  # output tokens, recomputed after a preemption as they were first computed: one per step
@@ -161,6 +188,9 @@ class Scheduler:
         """Reserve room for up to ``n`` more tokens of a running sequence, preempting the newest sequence not
         yet scheduled in this step while it cannot take a single one; returns how many it got (0 when
         ``seq`` had to go itself)."""
+        if self.prefix_cache is not None:  # cached prefixes go before any running sequence does
+            assert seq.cache is not None
+            self.prefix_cache.make_room(self.pool.blocks_needed(seq.cache, n), 0)
         while (fit := self._fit(seq, n)) == 0:
             victim = next(s for s in reversed(self.running) if s not in scheduled)
             if victim is seq and len(self.running) == 1:
@@ -178,19 +208,48 @@ class Scheduler:
         self.pool.reserve(seq.cache, fit)
         return fit
 
-    def _admit(self, seq: Sequence, n: int) -> int:
-        """Give a waiting sequence a slot and blocks for its first chunk (as much of ``n`` as fits)."""
-        if self.pool.num_free_slots == 0:
-            return 0
-        room = self.pool.num_free_blocks * self.pool.block_tokens
-        n = 0 if self.aligned_chunks and n > room else min(n, room)
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Give a waiting sequence a slot - restored from the longest cached prefix of its tokens, if any - and
+        blocks for its first chunk; returns that chunk's length (0: it stays waiting)."""
+        hit = self._lookup(seq)
+        start = hit.num_tokens if hit is not None else 0
+        n = self._next_chunk(seq, budget, start)
         if n == 0:
             return 0
-        seq.cache = self.pool.new_sequence()
+        block_tokens = self.pool.block_tokens
+        shared = start // block_tokens  # the checkpoint's full blocks; a partial last one is copied
+        need = layout.blocks_for(start + n, block_tokens) - shared
+        if self.prefix_cache is not None:
+            self.prefix_cache.make_room(need, 1, keep=hit)
+        if self.pool.num_free_slots == 0:
+            return 0
+        if need > self.pool.num_free_blocks:
+            if self.aligned_chunks:
+                return 0
+            n = (shared + self.pool.num_free_blocks) * block_tokens - start
+            if n <= 0 or (start % block_tokens and self.pool.num_free_blocks == 0):
+                return 0
+        if hit is not None:
+            assert self.prefix_cache is not None
+            seq.cache = self.prefix_cache.restore(hit)
+        else:
+            seq.cache = self.pool.new_sequence()
         self.pool.reserve(seq.cache, n)
+        if seq.status is SequenceStatus.WAITING:
+            seq.num_cached_tokens = start
+        seq.num_computed = start
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return n
+
+    def _lookup(self, seq: Sequence) -> Checkpoint | None:
+        """The checkpoint ``seq`` can start from, or None."""
+        if self.prefix_cache is None:
+            return None
+        hit = self.prefix_cache.match(seq.token_ids(0, seq.num_tokens))
+        if hit is not None and self.aligned_chunks and hit.num_tokens % self.chunk_size:
+            return None  # cannot happen with checkpoints this engine took, but a disk tier may hold others
+        return hit
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -205,15 +264,40 @@ class Scheduler:
             seq.cache = None
         seq.num_computed = 0
 
+    def _retire(self, seq: Sequence) -> None:
+        """A finished or aborted sequence's cache becomes the checkpoint of the tokens it computed (the
+        last sampled token never was); unanswered outputs are protected as tails."""
+        cache, n = seq.cache, seq.num_computed
+        if self.prefix_cache is None or cache is None or n == 0 or self.aligned_chunks:
+            self._release(seq)
+            return
+        seq.cache, seq.num_computed = None, 0
+        tail = seq.finish_reason is not FinishReason.ABORT
+        self.prefix_cache.adopt(seq.token_ids(0, n), cache, tail=tail)
+
+    def _checkpoint_due(self, seq: Sequence, end: int) -> bool:
+        """Whether a running sequence that has just computed its tokens up to ``end`` is checkpointed there."""
+        prompt, interval = len(seq.prompt_ids), self.checkpoint_interval
+        if end > prompt:
+            return False
+        if self.aligned_chunks:
+            on_grid = end % self.chunk_size == 0
+            return on_grid and (end + self.chunk_size > prompt or bool(interval and end % interval == 0))
+        return end == prompt or bool(interval and end % interval == 0)
+
     # ------------------------------------------------------------------ after the forward
     def update(self, chunks: Iterable[Chunk]) -> list[Sequence]:
         """Account for a finished forward; free and return the sequences that ended in it."""
         done = []
         for chunk in chunks:
             seq = chunk.seq
-            seq.num_computed = chunk.start + chunk.length
+            end = seq.num_computed = chunk.start + chunk.length
+            self.computed_tokens += chunk.length
             if seq.finished:
                 self.running.remove(seq)
-                self._release(seq)
+                self._retire(seq)
                 done.append(seq)
+            elif self.prefix_cache is not None and self._checkpoint_due(seq, end):
+                assert seq.cache is not None
+                self.prefix_cache.take(seq.token_ids(0, end), seq.cache)
         return done

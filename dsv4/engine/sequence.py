@@ -72,6 +72,7 @@ class Sequence:
         self.cache: PagedSequence | None = None
         self.num_computed = 0  # tokens of prompt + output held in the cache
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens restored from the prefix cache at admission
         self.text = ""  # output text released so far (held-back stop-string prefixes excluded)
         self._reported_tokens = 0  # what take_delta() has handed out
         self._reported_text = 0
