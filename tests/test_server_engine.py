@@ -76,6 +76,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
 
 
 def pool_is_empty(url: str) -> bool:
+    """Nothing runs, waits or holds cache bytes (what the prefix cache holds is free for new sequences)."""
     m = metrics(url)
     return m["dsv4_requests_running"] == m["dsv4_requests_waiting"] == m["dsv4_kv_cache_used_bytes"] == 0
 
@@ -163,6 +164,30 @@ def test_reasoning_round_trip(oai: openai.OpenAI, reference: LLM) -> None:
     assert second.usage.prompt_tokens == len(reference.tokenizer.encode(prompt))
 
 
+def test_tool_conversation_reuses_the_previous_turn(oai: openai.OpenAI) -> None:
+    """Turn 2 of a tool conversation (reasoning kept) starts with turn 1's prompt and sampled ids, so the
+    engine restores them from its prefix cache instead of computing them again."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    for seed in range(16):
+        messages: list[dict[str, str]] = [{"role": "user", "content": f"Weather, take {seed}?"}]
+        first = oai.chat.completions.create(model=MODEL, messages=messages, tools=[tool], max_tokens=4, seed=seed)  # type: ignore[arg-type,list-item]
+        message = first.choices[0].message
+        reasoning = getattr(message, "reasoning_content", None) or ""
+        if "\ufffd" in reasoning + (message.content or "") or message.tool_calls:
+            continue  # a random model's bytes that are not whole UTF-8 cannot come back as the same ids
+        messages += [
+            {"role": "assistant", "content": message.content or "", "reasoning_content": reasoning},
+            {"role": "user", "content": "And tomorrow?"},
+        ]
+        second = oai.chat.completions.create(model=MODEL, messages=messages, tools=[tool], max_tokens=2, seed=seed)  # type: ignore[arg-type,list-item]
+        assert first.usage is not None and second.usage is not None and second.usage.prompt_tokens_details
+        # a reply cut off by max_tokens never ran its last token through the model
+        turn1 = first.usage.prompt_tokens + first.usage.completion_tokens - (first.choices[0].finish_reason == "length")
+        assert second.usage.prompt_tokens_details.cached_tokens >= turn1
+        return
+    pytest.fail("no seed sampled whole UTF-8 text")
+
+
 def test_anthropic_stream_and_completions(url: str, reference: LLM) -> None:
     client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
     with client.messages.stream(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "Hi"}]) as stream:
@@ -196,7 +221,8 @@ def test_engine_client_bounds_its_queue_and_fails_streams_on_close(checkpoint: P
             engine.submit([replace(request, request_id="d")])
 
     asyncio.run(scenario())
-    assert not engine.healthy and engine.stats().kv_used_bytes == 0 and engine.stats().running == 0
+    stats = engine.stats()
+    assert not engine.healthy and stats.kv_used_bytes == 0 and stats.running == 0
 
 
 # ------------------------------------------------------------------------------------------ the command

@@ -105,6 +105,17 @@ class ChatTokenizer:
             token: token_id for token in V4_TOKENS if (token_id := tokenizer.token_to_id(token)) is not None
         }
         self.token_bytes: list[bytes] = self._token_byte_table()
+        # Added tokens are split out of the text before BPE runs, so no token ever spans their edges (unless
+        # they strip the whitespace around them or match whole words only: those are left out).
+        self.added_token_texts: tuple[str, ...] = tuple(
+            sorted(
+                {
+                    token.content
+                    for token in tokenizer.get_added_tokens_decoder().values()
+                    if token.content and not (token.lstrip or token.rstrip or token.single_word)
+                }
+            )
+        )
 
     @property
     def vocab_size(self) -> int:

@@ -335,19 +335,23 @@ async def messages(request: Request, backend: Backend) -> Response:
     except ValueError as error:
         raise sampling_error(error) from None
     stream = backend.submit([prompt.token_ids], [[params]])
+    backend.remember_prompt(prompt)
 
     parser = CompletionParser(completion_mode_for_prompt(prompt.text), make_tool_call_id=new_tool_use_id)
     message_id = f"msg_{REQUEST_ID.get()}"
     prompt_tokens = len(prompt.token_ids)
+    output_ids: list[int] = []
     output_tokens = 0
 
     def update(delta: SequenceDelta) -> list[ParserEvent]:
         nonlocal output_tokens
-        output_tokens += len(delta.token_ids)
+        output_ids.extend(delta.token_ids)
+        output_tokens = len(output_ids)
         events = parser.feed(delta.text)
         if delta.finished:
             events += parser.close(eos=delta.finish_reason == "stop")
-            backend.tool_calls.remember(parser.message.sampled_tool_calls())
+            backend.tool_calls.remember_turn(parser.message)
+            backend.remember_completion(prompt, output_ids, delta)
             log_recoveries(parser.message.recoveries, 0)
             log.info("message: %d prompt + %d generated tokens", prompt_tokens, output_tokens)
         return events

@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 from dsv4.tiny import TINY_RANDOM
 
@@ -23,6 +24,57 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def prefix_cache_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The LLM keyword arguments of the prefix-cache and session-directory options, checked."""
+    if args.session_disk_gb is not None and args.session_disk_gb <= 0:
+        raise ValueError(f"--session-disk-gb must be > 0, got {args.session_disk_gb}")
+    if args.session_disk_gb is not None and args.session_dir is None:
+        raise ValueError("--session-disk-gb needs --session-dir")
+    if args.checkpoint_interval is not None and args.checkpoint_interval < 1:
+        raise ValueError(f"--checkpoint-interval must be >= 1, got {args.checkpoint_interval}")
+    if args.no_prefix_cache and (args.session_dir is not None or args.checkpoint_interval is not None):
+        raise ValueError("--session-dir and --checkpoint-interval need the prefix cache (drop --no-prefix-cache)")
+    kwargs: dict[str, Any] = {
+        "prefix_cache": not args.no_prefix_cache,
+        "checkpoint_interval": args.checkpoint_interval,
+        "session_dir": args.session_dir,
+    }
+    if args.session_disk_gb is not None:  # otherwise the engine's default
+        kwargs["session_disk_bytes"] = int(args.session_disk_gb * 2**30)
+    return kwargs
+
+
+def add_prefix_cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="compute every prompt in full: no reuse of the cache of an earlier prompt or reply it extends",
+    )
+    p.add_argument(
+        "--checkpoint-interval",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokens between the prefix-cache checkpoints taken along a prompt (default: the engine's choice)",
+    )
+    p.add_argument(
+        "--session-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also keep prefix-cache checkpoints on disk in DIR, so that sessions survive eviction from "
+        "memory and restarts (default: memory only)",
+    )
+    p.add_argument(
+        "--session-disk-gb",
+        type=float,
+        default=None,
+        metavar="N",
+        help="at most N GiB of checkpoints in --session-dir, least recently used removed first "
+        "(default: the engine's choice)",
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -33,6 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    cache_kwargs = prefix_cache_kwargs(args)
     configure_logging(args.log_level)
     llm = LLM(
         args.model,
@@ -42,6 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         seed=args.seed,
         batch_invariant=args.batch_invariant,
+        **cache_kwargs,
     )
     if llm.model is None:
         raise ValueError(f"{args.model} is a preset with shapes only: serve a checkpoint directory or {TINY_RANDOM}")
@@ -90,6 +144,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="size the KV pool to this many bytes")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
+    add_prefix_cache_arguments(p)
     p.add_argument(
         "--batch-invariant",
         action="store_true",

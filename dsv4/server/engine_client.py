@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from dsv4.cache.prefix import PrefixCacheStats
 from dsv4.chat.tokenizer import ChatTokenizer
 from dsv4.engine.sampler import SampledToken
 from dsv4.engine.sampling import SamplingParams
@@ -61,12 +62,17 @@ class SequenceDelta:
         return self.finish_reason is not None
 
 
+# What an engine without a prefix cache reports.
+NO_PREFIX_CACHE = PrefixCacheStats(checkpoints=0, cached_bytes=0, hit_tokens=0, computed_tokens=0, evictions=0)
+
+
 @dataclass(frozen=True)
 class EngineStats:
     running: int
     waiting: int
     kv_used_bytes: int
     kv_free_bytes: int
+    prefix: PrefixCacheStats = NO_PREFIX_CACHE  # the prefix cache and session directory (totals since start)
 
 
 class GenerationStream:
@@ -258,17 +264,19 @@ class LLMEngineClient:
             finish_reason=output.finish_reason,
             stop_reason=output.stop_reason,
             num_prompt_tokens=output.num_prompt_tokens,
-            # the engine reports it once it has a prefix cache; until then every prompt token is computed
-            num_cached_tokens=getattr(output, "num_cached_tokens", 0),
+            num_cached_tokens=output.num_cached_tokens,
         )
         stream.push(index, delta)
 
     def _read_stats(self) -> EngineStats:
         scheduler, pool = self._llm.scheduler, self._llm.pool
         assert scheduler is not None and pool is not None
+        prefix = self._llm.prefix_stats()
         return EngineStats(
             running=len(scheduler.running),
             waiting=len(scheduler.waiting) + len(self._new),
-            kv_used_bytes=pool.used_bytes,
-            kv_free_bytes=pool.free_bytes,
+            # checkpoints give way to running sequences: their bytes count as free (and as prefix-cache bytes)
+            kv_used_bytes=pool.used_bytes - prefix.cached_bytes,
+            kv_free_bytes=pool.free_bytes + prefix.cached_bytes,
+            prefix=prefix,
         )

@@ -1,8 +1,11 @@
-"""``GET /metrics``: the numbers an operator watches to size the KV pool and the queue of a serving engine.
+"""``GET /metrics``: the numbers an operator watches to size the KV pool, the prefix cache, the session
+directory and the queue of a serving engine.
 
-Gauges (running and waiting sequences, KV pool bytes) are read from the engine's stats at scrape time, so
-they are never stale; counters and latency histograms are updated as the HTTP layer consumes deltas. Each
-server has its own registry, so several servers (tests) can live in one process.
+Gauges (running and waiting sequences, KV pool bytes, prefix-cache checkpoints and bytes, session-directory
+bytes) and the engine's own cumulative counters (prefix-cache evictions, session-directory hits) are read
+from the engine's stats at scrape time, so they are never stale; the other counters and the latency
+histograms are updated as the HTTP layer consumes deltas. Each server has its own registry, so several
+servers (tests) can live in one process.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from dsv4.server.engine_client import EngineClient
@@ -28,13 +31,49 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self._engine.stats()
+        prefix = stats.prefix
         for name, doc, value in (
             ("dsv4_requests_running", "Sequences the engine is running (holding a cache slot)", stats.running),
             ("dsv4_requests_waiting", "Sequences queued for admission to the engine", stats.waiting),
-            ("dsv4_kv_cache_used_bytes", "KV pool bytes held (blocks and state slots)", stats.kv_used_bytes),
-            ("dsv4_kv_cache_free_bytes", "KV pool bytes free for new sequences", stats.kv_free_bytes),
+            (
+                "dsv4_kv_cache_used_bytes",
+                "KV pool bytes held by running sequences (blocks and state slots)",
+                stats.kv_used_bytes,
+            ),
+            (
+                "dsv4_kv_cache_free_bytes",
+                "KV pool bytes free for new sequences (what only the prefix cache holds included: it is evicted first)",
+                stats.kv_free_bytes,
+            ),
+            ("dsv4_prefix_cache_checkpoints", "Prefix-cache checkpoints held in memory", prefix.checkpoints),
+            (
+                "dsv4_prefix_cache_bytes",
+                "KV pool bytes held only by the prefix cache (checkpoint slots, blocks no sequence uses)",
+                prefix.cached_bytes,
+            ),
+            ("dsv4_session_disk_checkpoints", "Checkpoints stored in the session directory", prefix.disk_checkpoints),
+            ("dsv4_session_disk_bytes", "Bytes stored in the session directory", prefix.disk_bytes),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
+        # the engine keeps these totals itself, so they are exposed as counters read at scrape time
+        for name, doc, value in (
+            (
+                "dsv4_prefix_cache_evictions",
+                "Prefix-cache checkpoints evicted from memory to make room",
+                prefix.evictions,
+            ),
+            (
+                "dsv4_session_disk_hits",
+                "Requests whose prefix was restored from the session directory",
+                prefix.disk_hits,
+            ),
+            (
+                "dsv4_prompt_tokens_computed",
+                "Prompt tokens computed (prefix-cache hits excluded)",
+                prefix.computed_tokens,
+            ),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
 
 
 class ServerMetrics:

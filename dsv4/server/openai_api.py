@@ -37,6 +37,7 @@ from dsv4.server.serving import (
     MAX_CHOICES,
     REQUEST_ID,
     Backend,
+    EncodedPrompt,
     EventStreamResponse,
     SamplingFields,
     StrictModel,
@@ -144,16 +145,19 @@ def log_recoveries(recoveries: list[Recovery], index: int) -> None:
 class ChatChoice:
     """One choice's parser and bookkeeping, shared by the streaming and the complete response."""
 
-    def __init__(self, index: int, thinking_mode: str, backend: Backend) -> None:
+    def __init__(self, index: int, prompt: EncodedPrompt, backend: Backend) -> None:
         self.index = index
         self._backend = backend
-        self.parser = CompletionParser(thinking_mode)
+        self._prompt = prompt
+        self.parser = CompletionParser(completion_mode_for_prompt(prompt.text))
+        self.token_ids: list[int] = []
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.logprobs: list[SampledToken] = []
         self._engine_finish: str | None = None
 
     def update(self, delta: SequenceDelta) -> list[ParserEvent]:
+        self.token_ids += delta.token_ids
         self.completion_tokens += len(delta.token_ids)
         self.cached_tokens = delta.num_cached_tokens
         self.logprobs += delta.logprobs or []
@@ -162,7 +166,8 @@ class ChatChoice:
             self._engine_finish = delta.finish_reason
             # a stop token (EOS) or stop string ended it: the completion is whole, not cut off
             events += self.parser.close(eos=delta.finish_reason == "stop")
-            self._backend.tool_calls.remember(self.parser.message.sampled_tool_calls())
+            self._backend.tool_calls.remember_turn(self.parser.message)
+            self._backend.remember_completion(self._prompt, self.token_ids, delta)
             log_recoveries(self.parser.message.recoveries, self.index)
         return events
 
@@ -222,9 +227,9 @@ async def chat_completions(request: Request, backend: Backend) -> Response:
         max_tokens = backend.default_max_tokens(prompt.token_ids)
     params = build_params(fields, max_tokens, top_logprobs)
     stream = backend.submit([prompt.token_ids], [params])
+    backend.remember_prompt(prompt)
 
-    mode = completion_mode_for_prompt(prompt.text)
-    choices = [ChatChoice(i, mode, backend) for i in range(fields.num_choices)]
+    choices = [ChatChoice(i, prompt, backend) for i in range(fields.num_choices)]
     base = {
         "id": f"chatcmpl-{REQUEST_ID.get()}",
         "created": int(time.time()),

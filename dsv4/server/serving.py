@@ -13,8 +13,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from dsv4.chat.encoding import EncodingError, SampledInvoke
 from dsv4.chat.openai import ChatPrompt
+from dsv4.chat.parser import ParsedCompletion
 from dsv4.engine.sampling import SamplingParams
 from dsv4.server.engine_client import (
     EngineClient,
@@ -35,6 +36,7 @@ from dsv4.server.engine_client import (
 )
 from dsv4.server.errors import APIError, bad_request
 from dsv4.server.metrics import SequenceClock, ServerMetrics
+from dsv4.server.prompt_cache import PromptMemory
 
 log = logging.getLogger("dsv4.server")
 
@@ -45,6 +47,8 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 MAX_CHOICES = 16
 # Tool calls whose sampled DSML is remembered for byte-stable re-rendering (a few hundred bytes each).
 TOOL_CALL_MEMORY = 65536
+# Characters of reasoning remembered for tool-calling turns, restored when a client drops it (oldest out).
+REASONING_MEMORY_CHARS = 16 * 2**20
 RETRY_AFTER_SECONDS = 1
 
 
@@ -142,12 +146,22 @@ def choice_params(base: SamplingParams, n: int) -> list[SamplingParams]:
 
 
 class ToolCallMemory:
-    """Tool-call id -> the DSML the model sampled for it, so that a history sent back by a client renders
-    to the same bytes the model produced (clients re-serialise arguments), which keeps prefix caches hot."""
+    """Tool-call id -> what the model sampled in the turn that made the call, so that a history sent back by
+    a client renders to the same bytes the model produced, which keeps prefix caches hot.
 
-    def __init__(self, capacity: int = TOOL_CALL_MEMORY) -> None:
+    Two things are remembered: each call's DSML (clients re-serialise arguments), and the reasoning of the
+    turn (many clients drop ``reasoning_content`` or thinking blocks, yet tool conversations render every
+    turn's reasoning). Both are bounded, least recently used first out.
+    """
+
+    def __init__(self, capacity: int = TOOL_CALL_MEMORY, reasoning_chars: int = REASONING_MEMORY_CHARS) -> None:
         self._capacity = capacity
         self._calls: OrderedDict[str, SampledInvoke] = OrderedDict()
+        self._reasoning_limit = reasoning_chars
+        # one entry per turn, keyed by its call ids; each call id points at its turn
+        self._turns: OrderedDict[tuple[str, ...], str] = OrderedDict()
+        self._turn_of: dict[str, tuple[str, ...]] = {}
+        self._reasoning_chars = 0
 
     def remember(self, calls: Mapping[str, SampledInvoke]) -> None:
         for call_id, call in calls.items():
@@ -158,6 +172,61 @@ class ToolCallMemory:
 
     def recall(self, call_ids: Iterable[str]) -> dict[str, SampledInvoke]:
         return {call_id: self._calls[call_id] for call_id in call_ids if call_id in self._calls}
+
+    def remember_turn(self, message: ParsedCompletion) -> None:
+        """A finished completion: its well-formed calls' DSML, and its reasoning when it called tools."""
+        self.remember(message.sampled_tool_calls())
+        if message.tool_calls and message.reasoning_content:
+            self.remember_reasoning([call.id for call in message.tool_calls], message.reasoning_content)
+
+    def remember_reasoning(self, call_ids: Sequence[str], reasoning: str) -> None:
+        if not call_ids or len(reasoning) > self._reasoning_limit:
+            return
+        turn = tuple(call_ids)
+        self._forget_turn(turn)
+        for call_id in turn:
+            if call_id in self._turn_of:
+                self._forget_turn(self._turn_of[call_id])
+        self._turns[turn] = reasoning
+        self._reasoning_chars += len(reasoning)
+        self._turn_of.update(dict.fromkeys(turn, turn))
+        while self._reasoning_chars > self._reasoning_limit:
+            self._forget_turn(next(iter(self._turns)))
+
+    def _forget_turn(self, turn: tuple[str, ...]) -> None:
+        reasoning = self._turns.pop(turn, None)
+        if reasoning is None:
+            return
+        self._reasoning_chars -= len(reasoning)
+        for call_id in turn:
+            if self._turn_of.get(call_id) == turn:
+                del self._turn_of[call_id]
+
+    def recall_reasoning(self, call_ids: Iterable[str]) -> str | None:
+        """The reasoning sampled in the turn that made the first remembered one of ``call_ids``."""
+        for call_id in call_ids:
+            turn = self._turn_of.get(call_id)
+            if turn is not None:
+                self._turns.move_to_end(turn)
+                return self._turns[turn]
+        return None
+
+    def restore_reasoning(self, chat: ChatPrompt) -> ChatPrompt:
+        """``chat`` with the sampled reasoning put back into assistant tool-call turns that came without any.
+
+        Whether it is rendered stays the encoder's decision (tool conversations keep every turn's reasoning;
+        otherwise it is dropped before the last user turn), exactly as if the client had sent it back.
+        """
+        messages = list(chat.messages)
+        restored = False
+        for position, message in enumerate(messages):
+            if message.get("role") != "assistant" or not message.get("tool_calls") or message.get("reasoning_content"):
+                continue
+            reasoning = self.recall_reasoning(call["id"] for call in message["tool_calls"])
+            if reasoning is not None:
+                messages[position] = {**message, "reasoning_content": reasoning}
+                restored = True
+        return replace(chat, messages=messages) if restored else chat
 
 
 def _history_call_ids(chat: ChatPrompt) -> list[str]:
@@ -171,13 +240,16 @@ class EncodedPrompt:
 
 
 class Backend:
-    """The state the endpoints share: the engine, metrics, served model names and the tool-call memory."""
+    """The state the endpoints share: the engine, metrics, served model names, and the memories that make
+    a history sent back render and tokenise to what the model saw (tool calls and their turns' reasoning,
+    prompts and their sampled outputs)."""
 
     def __init__(self, engine: EngineClient, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
         self.metrics = ServerMetrics(engine)
         self.tool_calls = ToolCallMemory()
+        self.prompts = PromptMemory(engine.tokenizer)
 
     @property
     def model_name(self) -> str:
@@ -206,12 +278,16 @@ class Backend:
             )
 
     async def encode_chat(self, chat: ChatPrompt) -> EncodedPrompt:
-        """Render and tokenise off the event loop: a long agent history takes milliseconds to encode."""
+        """Render and tokenise off the event loop: a long agent history takes milliseconds to encode.
+
+        Tool calls and dropped reasoning are restored as sampled, and the text is tokenised incrementally
+        from the longest recorded prompt or prompt + output it extends (:class:`PromptMemory`)."""
         sampled = self.tool_calls.recall(_history_call_ids(chat))
+        chat = self.tool_calls.restore_reasoning(chat)
 
         def encode() -> EncodedPrompt:
             text = chat.render(sampled_tool_calls=sampled)
-            return EncodedPrompt(text, self.engine.tokenizer.encode(text))
+            return EncodedPrompt(text, self.prompts.encode(text))
 
         try:
             prompt = await asyncio.to_thread(encode)
@@ -219,6 +295,16 @@ class Backend:
             raise bad_request(str(error), "messages") from None
         self.check_prompt(prompt.token_ids, "messages")
         return prompt
+
+    def remember_prompt(self, prompt: EncodedPrompt) -> None:
+        """A chat prompt was submitted: later prompts that extend its text reuse its ids."""
+        self.prompts.remember(prompt.text, prompt.token_ids)
+
+    def remember_completion(self, prompt: EncodedPrompt, output_ids: list[int], finish: SequenceDelta) -> None:
+        """A chat sequence finished: later prompts that extend prompt + its output reuse the sampled ids."""
+        self.prompts.remember_completion(
+            prompt.text, prompt.token_ids, output_ids, finish.finish_reason, finish.stop_reason
+        )
 
     async def encode_text(self, text: str) -> list[int]:
         return await asyncio.to_thread(self.engine.tokenizer.encode, text)
