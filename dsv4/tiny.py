@@ -32,6 +32,10 @@ log = logging.getLogger("dsv4")
 
 # The model name that means "the tiny random checkpoint in the cache" wherever a model is asked for.
 TINY_RANDOM = "tiny-random"
+# tiny-random's context: an agent trace (a tool-using system prompt is ~1,000 tokens, each turn a few
+# hundred) must fit dozens of turns. Part of the cache directory's name, so a model written with another
+# context is never picked up.
+TINY_RANDOM_CONTEXT = 65536
 
 # Layer kinds window / CSA / HCA / window / CSA, repeated when more layers are asked for.
 _RATIO_CYCLE = (0, 4, 128, 0, 4)
@@ -211,13 +215,13 @@ def tiny_random_checkpoint() -> Path:
     It is written to a temporary directory and renamed into place, so a process killed mid-write, or two
     starting at once, never leave a half-written model behind.
     """
-    target = cache_dir() / TINY_RANDOM
+    target = cache_dir() / f"{TINY_RANDOM}-{TINY_RANDOM_CONTEXT}"
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         log.info("writing the %s model to %s (once)", TINY_RANDOM, target)
         scratch = Path(tempfile.mkdtemp(prefix=f".{TINY_RANDOM}-", dir=target.parent))
         try:
-            write_random_checkpoint(scratch / "model")
+            write_random_checkpoint(scratch / "model", tiny_config(max_position_embeddings=TINY_RANDOM_CONTEXT))
             os.replace(scratch / "model", target)
         except OSError:
             if not target.is_dir():  # not just another server winning the race

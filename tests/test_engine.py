@@ -18,7 +18,7 @@ from dsv4 import LLM, SamplingParams
 from dsv4.cli import main
 from dsv4.engine.llm import RequestOutput
 from dsv4.engine.vectors import run_vectors_through_engine
-from dsv4.tiny import write_random_checkpoint
+from dsv4.tiny import TINY_RANDOM_CONTEXT, write_random_checkpoint
 
 REF = Path(__file__).parent / "data" / "reference"
 CKPT = REF / "ckpt"
@@ -357,7 +357,10 @@ def test_tiny_random_is_a_model_name_everywhere(tmp_path, monkeypatch) -> None:
     """``tiny-random`` resolves to a cached random checkpoint for the library and every command alike."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     llm = LLM("tiny-random", progress=False)
-    assert llm.model is not None and (tmp_path / "dsv4" / "tiny-random" / "tokenizer.json").is_file()
+    assert (
+        llm.model is not None
+        and (tmp_path / "dsv4" / f"tiny-random-{TINY_RANDOM_CONTEXT}" / "tokenizer.json").is_file()
+    )
     (out,) = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     assert len(out.token_ids) == 3
     assert llm.pool is not None and llm.pool.used_bytes == llm.prefix_stats().cached_bytes

@@ -30,7 +30,7 @@ from dsv4.engine.sampling import SamplingParams
 from dsv4.server.app import create_app, serve_in_thread
 from dsv4.server.engine_client import EngineError, LLMEngineClient, QueueFull, SequenceRequest
 from dsv4.server.serving import ServerConfig
-from dsv4.tiny import tiny_config, write_random_checkpoint
+from dsv4.tiny import TINY_RANDOM_CONTEXT, tiny_config, write_random_checkpoint
 
 MODEL = "tiny"
 # bf16_official rounds differently for different batch shapes (then FP8 simulation amplifies it), so only
@@ -253,7 +253,7 @@ def test_serve_tiny_random_and_graceful_sigterm(tmp_path: Path) -> None:
                 return False
 
         wait_for(healthy, timeout=240)
-        assert (tmp_path / "dsv4" / "tiny-random" / "tokenizer.json").is_file()
+        assert (tmp_path / "dsv4" / f"tiny-random-{TINY_RANDOM_CONTEXT}" / "tokenizer.json").is_file()
         body = {
             "model": "tiny-random",
             "messages": [{"role": "user", "content": "Hi"}],
