@@ -38,3 +38,24 @@ def test_cli_runs_the_engine_path(reference_dir, capsys):
     assert "fp32_nosim (engine, prefill chunks of 129): within atol" in capsys.readouterr().out
     assert main(["check-vectors", str(reference_dir), "--mode", "fp32_nosim", "--batch", "--no-kernels"]) == 0
     assert "one ragged batch" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["fp32_nosim", "bf16_official"])
+@pytest.mark.parametrize("reuse", [170, 256, 306], ids=["in-compression-window", "block-boundary", "in-window"])
+def test_a_reused_prefix_meets_the_vectors(reference_dir, vector_set, mode, reuse):
+    """Each prompt as two requests, the second restoring the first's cache from the prefix cache (the engine
+    raises if it does not): fp32_nosim within the tolerance, bf16 by the manifest's rules."""
+    manifest, vectors = vector_set
+    result = check_mode(reference_dir, manifest, vectors, mode, reuse=reuse)
+    assert result.passed, result.problems
+    if mode == "fp32_nosim":
+        assert result.tier == "within atol"
+
+
+def test_cli_reuse_positions(reference_dir, capsys):
+    assert main(["check-vectors", str(reference_dir), "--mode", "fp32_nosim", "--reuse", "--no-kernels"]) == 0
+    out = capsys.readouterr().out
+    for n in (170, 256, 306):  # prompts of 343 and 621 tokens, window 128
+        assert f"fp32_nosim (engine, reusing a cached prefix of {n} tokens): within atol" in out
+    assert main(["check-vectors", str(reference_dir), "--mode", "fp32_nosim", "--reuse", "x", "--no-kernels"]) == 2
+    assert "comma-separated" in capsys.readouterr().err

@@ -12,14 +12,17 @@ be meaningless), otherwise they fail.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from dsv4.cache.contiguous import ContiguousCache
+from dsv4.checkpoint import open_checkpoint_config
 from dsv4.model.attention import Span
 from dsv4.model.hyper import sinkhorn_split
 from dsv4.model.loading import load_model
@@ -112,16 +115,22 @@ def model_logits(ckpt: Path, mode: str, prompts: list[tuple[torch.Tensor, torch.
 
 
 def check_mode(
-    vector_dir: Path, manifest: dict, vectors: dict, mode: str, chunk: int | None = None, batch: bool = False
+    vector_dir: Path,
+    manifest: dict,
+    vectors: dict,
+    mode: str,
+    chunk: int | None = None,
+    batch: bool = False,
+    reuse: int | None = None,
 ) -> ModeResult:
     n_prompts = len(manifest["prompts"])
     prompts = [(vectors[f"prompt{i}.input_ids"], vectors[f"prompt{i}.decode_ids"]) for i in range(n_prompts)]
-    if chunk is None and not batch:
+    if chunk is None and not batch and reuse is None:
         logits = model_logits(vector_dir / manifest["checkpoint"]["dir"], mode, prompts)
     else:
         from dsv4.engine.vectors import run_vectors_through_engine
 
-        by_prompt = run_vectors_through_engine(vector_dir, mode, chunk=chunk, batch=batch)
+        by_prompt = run_vectors_through_engine(vector_dir, mode, chunk=chunk, batch=batch, reuse=reuse)
         logits = [by_prompt[i] for i in range(n_prompts)]
     results = [compare(i, logits[i], vectors[f"prompt{i}.{mode}.logits"]) for i in range(n_prompts)]
     return judge(mode, results, manifest["tolerances"])
@@ -195,15 +204,20 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"mode(s) {unknown} not in this vector set; it has {list(manifest['modes'])}")
     vectors = load_file(vector_dir / manifest["vectors"]["file"])
     failed = False
-    how = (
-        f"engine, prefill chunks of {args.chunk}"
-        if args.chunk
-        else "engine, one ragged batch"
-        if args.batch
-        else "model"
-    )
-    for mode in modes:
-        result = check_mode(vector_dir, manifest, vectors, mode, chunk=args.chunk, batch=args.batch)
+    runs: list[tuple[str, dict[str, Any]]]
+    if args.reuse is not None:
+        runs = [
+            (f"engine, reusing a cached prefix of {n} tokens", {"reuse": n})
+            for n in _reuse_lengths(args, manifest, vectors)
+        ]
+    elif args.chunk:
+        runs = [(f"engine, prefill chunks of {args.chunk}", {"chunk": args.chunk})]
+    elif args.batch:
+        runs = [("engine, one ragged batch", {"batch": True})]
+    else:
+        runs = [("model", {})]
+    for mode, (how, options) in itertools.product(modes, runs):
+        result = check_mode(vector_dir, manifest, vectors, mode, **options)
         print(f"{mode} ({how}): {result.tier}")
         for p in result.prompts:
             decode = p.row_max[1:]
@@ -230,11 +244,37 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _reuse_lengths(args: argparse.Namespace, manifest: dict, vectors: dict) -> list[int]:
+    """``--reuse N,N,...``, or by default the positions ``reuse_positions`` picks from the prompt lengths."""
+    from dsv4.engine.vectors import reuse_positions
+
+    if args.reuse != "auto":
+        try:
+            lengths = [int(n) for n in args.reuse.split(",")]
+        except ValueError:
+            raise ValueError(f"--reuse takes comma-separated token counts, got {args.reuse!r}") from None
+        if min(lengths) < 1:
+            raise ValueError(f"--reuse lengths must be >= 1, got {args.reuse!r}")
+        return lengths
+    config = open_checkpoint_config(Path(args.dir) / manifest["checkpoint"]["dir"])
+    lengths = [len(vectors[f"prompt{i}.input_ids"]) for i in range(len(manifest["prompts"]))]
+    return reuse_positions(lengths, config.window_size)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-vectors", help="check the model against a reference-vector set")
     p.add_argument("dir", help="vector set directory (manifest.json, vectors.safetensors, kernels.safetensors, ckpt/)")
     p.add_argument("--mode", action="append", help="numerics mode to check (repeatable; default: every mode)")
     p.add_argument("--chunk", type=int, help="run through the engine, prefilling in chunks of N tokens")
     p.add_argument("--batch", action="store_true", help="run through the engine, all prompts in one ragged batch")
+    p.add_argument(
+        "--reuse",
+        nargs="?",
+        const="auto",
+        metavar="N,N,...",
+        help="run through the engine as two requests per prompt - its first N tokens, then the whole prompt, "
+        "which restores them from the prefix cache - for each N (default: inside a compression window, at a "
+        "block boundary and inside the sliding window)",
+    )
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel-level vectors")
     p.set_defaults(func=run)
