@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple
 
 from dsv4.cache import layout
 from dsv4.config import LayerKind, ModelConfig, load_config
+from dsv4.engine.llm import DEFAULT_CHUNK_SIZE
 
 PRESET_MODELS = ("v4-flash", "v4-pro")
 # Model card figures; the parameter FLOPs of the published ratios are 2 x these.
@@ -32,6 +34,8 @@ DEFAULT_CONTEXT = 10**6
 PLOT_MIN_CONTEXT = 2**10
 PLOT_MAX_CONTEXT = 2**20
 GIB = 2**30
+# where the engine's default prompt chunks and cache blocks both end: its checkpoints sit on this grid
+CHECKPOINT_GRID = math.lcm(DEFAULT_CHUNK_SIZE, layout.DEFAULT_BLOCK_TOKENS)
 
 # "Equivalent FP8 FLOPs": how much one FLOP of each kind costs relative to an FP8 GEMM FLOP.
 PARAM_WEIGHT = Fraction(1)  # FP8 and FP4xFP8 GEMMs
@@ -265,6 +269,10 @@ class ModelCosts:
             "state_bytes_per_sequence": layout.state_bytes_per_sequence(self.config, mode).total,
             "block_bytes": layout.block_bytes(self.config, mode).total,
             "sequence_bytes_at_context": layout.sequence_bytes(self.config, mode, self.context),
+            # a prefix-cache checkpoint (state slot + a partial block's copy) and how often a long prompt
+            # takes one with the engine's default 512-token chunks and 256-token blocks
+            "checkpoint_bytes": layout.checkpoint_bytes(self.config, mode),
+            "checkpoint_interval": layout.checkpoint_interval(self.config, mode, CHECKPOINT_GRID),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -412,8 +420,10 @@ def storage_table(costs: list[ModelCosts], context: int) -> Table:
             s, per_token = c.storage(mode), c.kv(mode).total
             rows.append([c.name, mode, str(s["entry_bytes"]), str(s["indexer_key_bytes"]), _bytes(per_token)])
             rows[-1] += [f"{float(per_token / paper):.2f}x", f"{s['state_bytes_per_sequence'] / 2**20:,.1f}"]
-            rows[-1] += [_gib(s["sequence_bytes_at_context"])]
+            rows[-1] += [_gib(s["sequence_bytes_at_context"]), f"{s['checkpoint_bytes'] / 2**20:,.1f}"]
+            rows[-1] += [f"{s['checkpoint_interval']:,}"]
     headers = ["model", "storage", "entry B", "key B", "B/token", "vs paper", "state MiB", "GiB at L"]
+    headers += ["ckpt MiB", "ckpt every"]
     title = (
         f"Cache per storage form: dsv4's numerics modes, the paper, the official code; one sequence at "
         f"L = {context:,} (window rings + compressor state + {layout.DEFAULT_BLOCK_TOKENS}-token blocks)"

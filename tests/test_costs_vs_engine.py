@@ -38,3 +38,18 @@ def test_pool_bytes_equal_the_calculator(reference_dir, mode, capsys):
         assert pool.bytes_per_token().total == pytest.approx(storage["kv_bytes_per_token"], abs=0)
         pool.free(seq)
         assert pool.used_bytes == 0
+
+
+@pytest.mark.parametrize("mode", ["bf16_official", "fp32_nosim"])
+def test_a_checkpoint_costs_what_the_calculator_says(reference_dir, mode, capsys):
+    """A 300-token prompt leaves one prefix-cache checkpoint: its state slot and its copy of the partial
+    second block (``checkpoint_bytes``), plus the first block, which no running sequence holds any more."""
+    from dsv4 import LLM, SamplingParams
+
+    ckpt = reference_dir / "ckpt"
+    llm = LLM(ckpt, mode, max_num_seqs=1, num_blocks=8, block_tokens=256, progress=False)
+    llm.generate([list(range(2, 302))], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    storage = _costs(ckpt, 300, capsys)[mode]
+    stats = llm.prefix_stats()
+    assert stats.checkpoints == 1
+    assert stats.cached_bytes == storage["checkpoint_bytes"] + storage["block_bytes"]
