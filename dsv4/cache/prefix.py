@@ -89,10 +89,11 @@ class PrefixCache:
         return len(self._lru)
 
     # ------------------------------------------------------------------ lookup
-    def match(self, token_ids: Sequence[int]) -> Checkpoint | None:
+    def match(self, token_ids: Sequence[int], limit: int | None = None) -> Checkpoint | None:
         """The checkpoint of the longest prefix of ``token_ids`` that leaves at least one token to compute
-        (the last token's logits are what a request samples from), from memory or, if longer, from disk."""
-        limit = len(token_ids) - 1
+        (the last token's logits are what a request samples from) and holds at most ``limit`` tokens, from
+        memory or, if longer, from disk."""
+        limit = len(token_ids) - 1 if limit is None else min(limit, len(token_ids) - 1)
         lengths = {n for n in self._lengths if n <= limit}
         if self.disk is not None:
             lengths |= {n for n in self.disk.lengths() if n <= limit}

@@ -36,7 +36,7 @@ from dsv4.engine.scheduler import Scheduler, SchedulerOutput
 from dsv4.engine.sequence import Sequence
 from dsv4.model.linear import Linear
 from dsv4.model.loading import default_numerics
-from dsv4.model.numerics import check_batch_invariance, get_numerics
+from dsv4.model.numerics import Numerics, check_batch_invariance, get_numerics
 from dsv4.model.transformer import Transformer
 from dsv4.tiny import TINY_RANDOM, tiny_random_checkpoint
 
@@ -122,9 +122,12 @@ def _eos_ids(path: Path, config: ModelConfig, tokenizer: ChatTokenizer | None) -
     return sorted(ids)
 
 
-def session_fingerprint(path: Path, config: ModelConfig, numerics: str, block_tokens: int) -> dict[str, Any]:
+def session_fingerprint(
+    path: Path, config: ModelConfig, numerics: Numerics, block_tokens: int, chunk_size: int
+) -> dict[str, Any]:
     """What a session file must have been written with to be used: the model's shapes, its weights, the
-    numerics mode and the cache layout. Weights are identified by each shard's name, size and a digest of its
+    numerics (a batch-invariant engine's bits, and its chunk grid, differ from a default one's) and the cache
+    layout. Weights are identified by each shard's name, size and a digest of its
     first and last MiB (hashing 160 GB at every start-up is out of the question; any two checkpoints that
     differ differ there, since the header lists every tensor and random or trained data fills the rest)."""
     weights = hashlib.blake2b(digest_size=16)
@@ -135,12 +138,14 @@ def session_fingerprint(path: Path, config: ModelConfig, numerics: str, block_to
             weights.update(f.read(2**20))
             f.seek(max(0, size - 2**20))
             weights.update(f.read(2**20))
-    formats = [layout.entry_format(config, numerics), layout.window_row_format(config, numerics)]
-    formats.append(layout.indexer_key_format(config, numerics))
+    mode = numerics.name
+    formats = [layout.entry_format(config, mode), layout.window_row_format(config, mode)]
+    formats.append(layout.indexer_key_format(config, mode))
     return {
         "config": repr(config),
         "weights": weights.hexdigest(),
-        "numerics": numerics,
+        "numerics": mode,
+        "batch_invariant_chunks": chunk_size if numerics.batch_invariant else None,
         "block_tokens": block_tokens,
         "formats": repr(formats),
     }
@@ -235,7 +240,7 @@ class LLM:
         if prefix_cache:
             disk = None
             if session_dir is not None:
-                fingerprint = session_fingerprint(path, self.config, self.numerics, block_tokens)
+                fingerprint = session_fingerprint(path, self.config, numerics, block_tokens, chunk_size)
                 disk = SessionStore(session_dir, session_disk_bytes, fingerprint)
             self.prefix_cache = PrefixCache(self.pool, disk)
             if checkpoint_interval is None:

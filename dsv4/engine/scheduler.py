@@ -246,10 +246,11 @@ class Scheduler:
         """The checkpoint ``seq`` can start from, or None."""
         if self.prefix_cache is None:
             return None
-        hit = self.prefix_cache.match(seq.token_ids(0, seq.num_tokens))
-        if hit is not None and self.aligned_chunks and hit.num_tokens % self.chunk_size:
-            return None  # cannot happen with checkpoints this engine took, but a disk tier may hold others
-        return hit
+        if not self.aligned_chunks:
+            return self.prefix_cache.match(seq.token_ids(0, seq.num_tokens))
+        # on the chunk grid inside the prompt only: where a cold run of this request cuts too
+        hit = self.prefix_cache.match(seq.token_ids(0, seq.num_tokens), limit=len(seq.prompt_ids))
+        return None if hit is None or hit.num_tokens % self.chunk_size else hit
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
