@@ -251,3 +251,25 @@ def test_options_are_checked(ckpt: Path) -> None:
         engine(ckpt, checkpoint_slots=-1)
     with pytest.raises(ValueError, match="checkpoint_interval"):
         engine(ckpt, checkpoint_interval=0)
+
+
+def test_a_request_that_cannot_fit_yet_evicts_nothing(ckpt: Path) -> None:
+    """While running sequences hold the blocks a waiting request needs, evicting checkpoints would lose
+    prefixes and gain nothing: they stay until the room can really be made."""
+    llm = engine(ckpt, num_blocks=7, block_tokens=128, max_num_seqs=2, chunk_size=512)
+    g = random.Random(8)
+    run(llm, fresh_tokens(g, 100), SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))  # 1 block
+    long = llm.add_request(fresh_tokens(g, 600), SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    while llm.scheduler is not None and not any(s.num_computed >= 600 for s in llm.scheduler.running):
+        llm.step()
+    waiting = llm.add_request(fresh_tokens(g, 300), SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    for _ in range(5):
+        llm.step()
+    # the first prompt's (1 block) and the long one's prompt end (a copy of its partial 5th block); the long
+    # one holds 5 blocks: nothing is free, and the 2 reclaimable blocks are fewer than the 3 that the waiting
+    # request's first chunk (its whole prompt) needs
+    assert llm.prefix_stats().evictions == 0 and llm.prefix_stats().checkpoints == 2
+    done = {}
+    while llm.has_unfinished:
+        done.update((o.request_id, o) for o in llm.step() if o.finished)
+    assert done[long].finish_reason == "length" and len(done[waiting].token_ids) == 2

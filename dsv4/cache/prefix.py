@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -163,6 +163,13 @@ class PrefixCache:
         """Evict checkpoints (least recently used first, unanswered tails last, never ``keep``) until the pool
         has ``blocks`` free blocks and ``slots`` free slots; False if it cannot get there."""
         pool = self.pool
+        if pool.num_free_blocks >= blocks and pool.num_free_slots >= slots:
+            return True
+        kept = set(keep.seq.blocks) if keep is not None else set()
+        reclaimable = sum(1 for b in self._cache_only_blocks() if b not in kept)
+        checkpoints = len(self._lru) - (keep is not None and keep.key in self._lru)
+        if pool.num_free_blocks + reclaimable < blocks or pool.num_free_slots + checkpoints < slots:
+            return False  # running sequences hold the rest: evicting would lose prefixes and gain nothing
         while pool.num_free_blocks < blocks or pool.num_free_slots < slots:
             victim = next((c for c in self._lru.values() if not c.tail and c is not keep), None)
             victim = victim or next((c for c in self._lru.values() if c is not keep), None)
@@ -189,7 +196,7 @@ class PrefixCache:
     # ------------------------------------------------------------------ accounting
     def stats(self) -> PrefixCacheStats:
         pool = self.pool
-        only_cached = sum(1 for b, n in self._block_refs.items() if n and pool.refcount(b) == n)
+        only_cached = sum(1 for _ in self._cache_only_blocks())
         disk = self.disk
         return PrefixCacheStats(
             checkpoints=len(self._lru),
@@ -201,6 +208,11 @@ class PrefixCache:
             disk_bytes=disk.total_bytes if disk else 0,
             disk_hits=self.disk_hits,
         )
+
+    def _cache_only_blocks(self) -> Iterator[int]:
+        """Blocks that only checkpoints hold: evicting those checkpoints frees them."""
+        refcount = self.pool.refcount
+        return (b for b, n in self._block_refs.items() if n and refcount(b) == n)
 
     # ------------------------------------------------------------------ disk tier
     def _save(self, token_ids: Sequence[int], key: str, seq: PagedSequence) -> None:
