@@ -185,7 +185,10 @@ class PrefixCache:
         self._lengths[checkpoint.num_tokens] -= 1
         if not self._lengths[checkpoint.num_tokens]:
             del self._lengths[checkpoint.num_tokens]
-        self._block_refs.subtract(checkpoint.seq.blocks)
+        for block in checkpoint.seq.blocks:
+            self._block_refs[block] -= 1
+            if not self._block_refs[block]:
+                del self._block_refs[block]
         self.pool.free(checkpoint.seq)
 
     def clear(self) -> None:
@@ -212,7 +215,7 @@ class PrefixCache:
     def _cache_only_blocks(self) -> Iterator[int]:
         """Blocks that only checkpoints hold: evicting those checkpoints frees them."""
         refcount = self.pool.refcount
-        return (b for b, n in self._block_refs.items() if n and refcount(b) == n)
+        return (b for b, n in self._block_refs.items() if refcount(b) == n)
 
     # ------------------------------------------------------------------ disk tier
     def _save(self, token_ids: Sequence[int], key: str, seq: PagedSequence) -> None:
