@@ -85,9 +85,6 @@ class PrefixCache:
         self._block_refs: Counter[int] = Counter()  # block -> references held by checkpoints
         self.hit_tokens = self.evictions = self.disk_hits = 0
 
-    def __len__(self) -> int:
-        return len(self._lru)
-
     # ------------------------------------------------------------------ lookup
     def match(self, token_ids: Sequence[int], limit: int | None = None) -> Checkpoint | None:
         """The checkpoint of the longest prefix of ``token_ids`` that leaves at least one token to compute
@@ -120,7 +117,7 @@ class PrefixCache:
         return seq
 
     # ------------------------------------------------------------------ insertion
-    def take(self, token_ids: Sequence[int], seq: PagedSequence, *, tail: bool = False) -> bool:
+    def take(self, token_ids: Sequence[int], seq: PagedSequence) -> bool:
         """Checkpoint a running sequence holding exactly ``token_ids`` (a copy of its slot and partial block).
         Returns False when the pool has no room for it even after evicting older checkpoints."""
         key = self._existing(token_ids)
@@ -129,7 +126,7 @@ class PrefixCache:
         partial = seq.num_tokens % self.pool.block_tokens > 0
         if not self.make_room(int(partial), 1):
             return False
-        self._insert(token_ids, key, self.pool.fork(seq), tail)
+        self._insert(token_ids, key, self.pool.fork(seq), tail=False)
         return True
 
     def adopt(self, token_ids: Sequence[int], seq: PagedSequence, *, tail: bool) -> None:
