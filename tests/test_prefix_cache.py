@@ -273,3 +273,33 @@ def test_a_request_that_cannot_fit_yet_evicts_nothing(ckpt: Path) -> None:
     while llm.has_unfinished:
         done.update((o.request_id, o) for o in llm.step() if o.finished)
     assert done[long].finish_reason == "length" and len(done[waiting].token_ids) == 2
+
+
+def test_a_failing_step_ends_its_sequences_and_keeps_the_cache_sound(ckpt: Path, monkeypatch) -> None:
+    """A forward that raises ends the sequences of that step (their partly written caches freed, never kept
+    as checkpoints); the checkpoints and the engine go on serving."""
+    from dsv4.engine.llm import StepFailed
+
+    llm = engine(ckpt)
+    g = random.Random(9)
+    history = fresh_tokens(g, 200)
+    first = run(llm, history)
+    checkpoints = llm.prefix_stats().checkpoints
+    model, forward = llm.model, type(llm.model).forward
+    poisoned = 977
+
+    def faulty(self, tokens, spans, logit_rows=None):
+        if bool((tokens == poisoned).any()):
+            raise RuntimeError("injected fault")
+        return forward(self, tokens, spans, logit_rows)
+
+    monkeypatch.setattr(type(model), "forward", faulty)
+    bad = llm.add_request(history + first.token_ids[:-1] + [poisoned], GREEDY)
+    with pytest.raises(StepFailed) as failure:
+        while llm.has_unfinished:
+            llm.step()
+    assert failure.value.request_ids == [bad] and not llm.has_unfinished
+    check_refcounts(llm)
+    assert llm.prefix_stats().checkpoints == checkpoints
+    good = run(llm, history + first.token_ids[:-1] + [5, 6, 7])
+    assert good.num_cached_tokens == len(history) + len(first.token_ids) - 1

@@ -89,6 +89,15 @@ class RequestOutput:
         return len(self.prompt_token_ids)
 
 
+class StepFailed(RuntimeError):
+    """A step's forward raised: the sequences it computed (``request_ids``) were ended and their cache
+    freed; every other request, and the engine, go on."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"the step computing {len(request_ids)} sequence(s) failed: {cause!r}")
+        self.request_ids = request_ids
+
+
 def _output(seq: Sequence) -> RequestOutput:
     delta_ids, delta_text = seq.take_delta()
     return RequestOutput(
@@ -357,7 +366,14 @@ class LLM:
     def _step(self) -> tuple[list[RequestOutput], SchedulerOutput]:
         _, scheduler = self._engine()
         scheduled = scheduler.schedule()
-        results = self.runner.run(scheduled.chunks)
+        try:
+            results = self.runner.run(scheduled.chunks)
+        except Exception as error:
+            failed = [chunk.seq for chunk in scheduled.chunks]
+            for seq in failed:
+                scheduler.fail(seq)
+                self._requests.pop(seq.request_id, None)
+            raise StepFailed([seq.request_id for seq in failed], error) from error
         for r in results:
             r.chunk.seq.append(r.token, r.logits)
         finished = scheduler.update(scheduled.chunks) + scheduled.finished

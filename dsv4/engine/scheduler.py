@@ -124,6 +124,15 @@ class Scheduler:
         seq.finish(FinishReason.ABORT)
         self._retire(seq)
 
+    def fail(self, seq: Sequence) -> None:
+        """End ``seq`` after a forward that raised while computing it: its cache may hold a partial write,
+        so it is freed, never kept as a checkpoint (the blocks it shares with checkpoints are full ones,
+        which a forward never writes)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self._release(seq)
+        seq.finish(FinishReason.ABORT)
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
