@@ -14,9 +14,11 @@ from tokenizers import decoders as token_decoders
 from dsv4.chat.encoding import BOS, EOS, encode_messages
 from dsv4.chat.tokenizer import (
     CONFIG_FILE,
+    RELEASE_GIL_CHARS,
     TOKENIZER_FILE,
     V4_TOKENS,
     ChatTokenizer,
+    TooManyTokens,
     build_test_tokenizer,
     load_tokenizer,
 )
@@ -143,3 +145,17 @@ def test_non_byte_level_tokenizers_are_refused() -> None:
     odd.add_special_tokens([AddedToken(BOS, special=True), AddedToken(EOS, special=True)])
     with pytest.raises(ValueError, match="not byte-level"):
         ChatTokenizer(odd)
+
+
+@pytest.mark.parametrize("repeat", [1, 2000], ids=["short", "long"])
+def test_encode_with_a_limit(repeat: int) -> None:
+    """Long texts go through the GIL-releasing batch call, with the same ids; a limit refuses a text of
+    more tokens with its count."""
+    text = f"Hello, wörld {BOS} 12345\n  tabs\t{EOS}x" * repeat
+    assert (len(text) > RELEASE_GIL_CHARS) == (repeat > 1)
+    ids = TOKENIZER.encode(text)
+    assert ids == TOKENIZER.tokenizer.encode(text, add_special_tokens=False).ids
+    assert TOKENIZER.encode(text, limit=len(ids)) == ids
+    with pytest.raises(TooManyTokens) as refused:
+        TOKENIZER.encode(text, limit=len(ids) - 1)
+    assert (refused.value.count, refused.value.limit) == (len(ids), len(ids) - 1)

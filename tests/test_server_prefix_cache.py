@@ -156,3 +156,31 @@ def test_serve_hands_the_options_to_the_engine(monkeypatch: pytest.MonkeyPatch) 
         args.func(args)
     assert seen["session_dir"] == Path("sessions") and seen["session_disk_bytes"] == 2 * 2**30
     assert seen["checkpoint_interval"] == 1024 and seen["prefix_cache"] is True
+
+
+def test_tool_call_memory_survives_a_restart_through_its_journal(tmp_path: Path) -> None:
+    """What a restarted server needs to render a history as sampled - each call's DSML and its turn's
+    reasoning - is replayed from the journal; a torn last line is skipped, and an overgrown journal is
+    compacted to what is remembered."""
+    from dsv4.chat.parser import ParsedCompletion, ParsedToolCall
+    from dsv4.server.serving import ToolCallMemory
+
+    journal = tmp_path / "server" / "tool_calls.jsonl"
+
+    def turn(i: int) -> ParsedCompletion:
+        call = ParsedToolCall(f"call_{i}", "read", '{"path": "a"}', f"<invoke {i}>", True)
+        return ParsedCompletion("", f"thinking {i}", [call], [], True)
+
+    memory = ToolCallMemory(capacity=2, reasoning_chars=25, journal=journal)  # 2 calls, 2 turns' reasoning
+    for i in range(20):
+        memory.remember_turn(turn(i))
+    with journal.open("a") as f:
+        f.write('{"calls": {"call_x"')  # a crash mid-write
+    restarted = ToolCallMemory(capacity=2, reasoning_chars=25, journal=journal)
+    assert set(restarted.recall(["call_18", "call_19", "call_0"])) == {"call_18", "call_19"}
+    assert restarted.recall(["call_19"])["call_19"].dsml == "<invoke 19>"
+    assert restarted.recall_reasoning(["call_19"]) == "thinking 19"
+    assert restarted.recall_reasoning(["call_0"]) is None
+    assert len(journal.read_text().splitlines()) == 2  # 21 lines > 4 x (2 calls + 2 turns): compacted
+    again = ToolCallMemory(capacity=2, reasoning_chars=25, journal=journal)
+    assert again.recall_reasoning(["call_18"]) == "thinking 18" and again.recall(["call_18"])

@@ -241,7 +241,7 @@ def _reasoning(body: Mapping[str, Any], default_thinking: bool) -> tuple[str, st
         if switch:
             raise RequestError("reasoning_effort", "'none' contradicts thinking being enabled")
         switch, effort = False, None
-    elif effort_name in _REASONING_EFFORTS:
+    elif isinstance(effort_name, str) and effort_name in _REASONING_EFFORTS:
         effort = _REASONING_EFFORTS[effort_name]
     else:
         known = ["none", *_REASONING_EFFORTS]

@@ -7,6 +7,13 @@ argmax. The simulated modes are "exact" when the max difference is within the ex
 official arithmetic order reproduced), otherwise "statistical" when the mean difference and the argmax
 agreement are within the statistical bounds (FP8/FP4 rounding flips cascade, so per-element bounds would
 be meaningless), otherwise they fail.
+
+Non-finite logits fail in every tier: every bound is checked as ``not (value <= bound)``, so a NaN (which
+compares false with everything) is out of bounds, and rows holding NaN or inf are reported as such.
+
+The engine paths (``--chunk``, ``--batch``, ``--reuse``) run each prompt plus its decode tokens as one
+sequence, which the engine bounds by the checkpoint's ``max_position_embeddings``; a vector set longer than
+that is refused with a one-line error (the bare-model path has no such bound and still runs it).
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ class PromptResult:
     mean_abs: float
     row_max: list[float]  # row 0: last prefill position; row j: after decode token j-1
     row_argmax_equal: list[bool]
+    nonfinite_rows: list[int] = field(default_factory=list)  # rows of ours holding a NaN or an inf
 
     @property
     def argmax_agree(self) -> float:
@@ -64,6 +72,10 @@ class ModeResult:
 
 
 def compare(prompt: int, mine: torch.Tensor, ref: torch.Tensor) -> PromptResult:
+    """Differences per row. NaN propagates through every reduction here (torch's max and mean keep it), so
+    a NaN anywhere in ``mine`` or ``ref`` shows in the row's max and the prompt's max and mean."""
+    if mine.shape != ref.shape:
+        raise ValueError(f"prompt {prompt}: logits of shape {tuple(mine.shape)}, the reference has {tuple(ref.shape)}")
     diff = (mine.float() - ref.float()).abs()
     return PromptResult(
         prompt=prompt,
@@ -71,15 +83,24 @@ def compare(prompt: int, mine: torch.Tensor, ref: torch.Tensor) -> PromptResult:
         mean_abs=diff.mean().item(),
         row_max=diff.amax(dim=-1).tolist(),
         row_argmax_equal=(mine.argmax(-1) == ref.argmax(-1)).tolist(),
+        nonfinite_rows=(~torch.isfinite(mine.float())).any(dim=-1).nonzero().flatten().tolist(),
     )
+
+
+def within(value: float, bound: float) -> bool:
+    """``value <= bound``, false for NaN: written this way round so that no NaN ever passes a check."""
+    return value <= bound
 
 
 def judge(mode: str, prompts: list[PromptResult], tolerances: dict) -> ModeResult:
     rule = tolerances[mode]
     result = ModeResult(mode, prompts)
+    for p in prompts:
+        if p.nonfinite_rows:
+            result.problems.append(f"prompt {p.prompt}: NaN or inf logits on rows {p.nonfinite_rows}")
     if "atol" in rule:
         for p in prompts:
-            bad_rows = [i for i, m in enumerate(p.row_max) if m > rule["atol"]]
+            bad_rows = [i for i, m in enumerate(p.row_max) if not within(m, rule["atol"])]
             bad_argmax = [i for i, ok in enumerate(p.row_argmax_equal) if not ok]
             if bad_rows:
                 result.problems.append(f"prompt {p.prompt}: rows {bad_rows} exceed atol {rule['atol']}")
@@ -87,13 +108,13 @@ def judge(mode: str, prompts: list[PromptResult], tolerances: dict) -> ModeResul
                 result.problems.append(f"prompt {p.prompt}: argmax differs on rows {bad_argmax}")
         result.tier = "FAIL" if result.problems else "within atol"
         return result
-    if all(p.max_abs <= rule["exact_tier_atol"] for p in prompts):
+    if not result.problems and all(within(p.max_abs, rule["exact_tier_atol"]) for p in prompts):
         result.tier = "exact"
         return result
     for p in prompts:
-        if p.mean_abs > rule["statistical_mean_abs"]:
+        if not within(p.mean_abs, rule["statistical_mean_abs"]):
             result.problems.append(f"prompt {p.prompt}: mean |diff| {p.mean_abs:.4g} > {rule['statistical_mean_abs']}")
-        if p.argmax_agree < rule["statistical_min_argmax_agree"]:
+        if not within(rule["statistical_min_argmax_agree"], p.argmax_agree):
             result.problems.append(
                 f"prompt {p.prompt}: argmax agreement {p.argmax_agree:.3f} < {rule['statistical_min_argmax_agree']}"
             )
@@ -146,7 +167,7 @@ class KernelResult:
 
     @property
     def passed(self) -> bool:
-        return self.max_abs <= self.bound and (self.mean_bound is None or self.mean_abs <= self.mean_bound)
+        return within(self.max_abs, self.bound) and (self.mean_bound is None or within(self.mean_abs, self.mean_bound))
 
 
 def check_kernels(path: Path) -> list[KernelResult]:
@@ -203,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"mode(s) {unknown} not in this vector set; it has {list(manifest['modes'])}")
     vectors = load_file(vector_dir / manifest["vectors"]["file"])
+    if args.reuse is not None or args.chunk or args.batch:
+        check_engine_fits(vector_dir, manifest, vectors)
     failed = False
     runs: list[tuple[str, dict[str, Any]]]
     if args.reuse is not None:
@@ -242,6 +265,20 @@ def run(args: argparse.Namespace) -> int:
             failed |= not k.passed
     print("FAILED" if failed else "all checks passed")
     return 1 if failed else 0
+
+
+def check_engine_fits(vector_dir: Path, manifest: dict, vectors: dict) -> None:
+    """Refuse, in one line, a vector set the engine cannot run: it generates ``len(decode) + 1`` tokens after
+    each prompt, and a sequence ends when it fills the checkpoint's ``max_position_embeddings``."""
+    limit = open_checkpoint_config(vector_dir / manifest["checkpoint"]["dir"]).max_position_embeddings
+    for i in range(len(manifest["prompts"])):
+        prompt, decode = len(vectors[f"prompt{i}.input_ids"]), len(vectors[f"prompt{i}.decode_ids"])
+        if prompt + decode + 1 > limit:
+            raise ValueError(
+                f"prompt {i} needs {prompt + decode + 1} positions ({prompt} prompt + {decode} decode tokens + 1) "
+                f"but the checkpoint's max_position_embeddings is {limit}: the engine paths (--chunk, --batch, "
+                "--reuse) cannot run this vector set; run it without them"
+            )
 
 
 def _reuse_lengths(args: argparse.Namespace, manifest: dict, vectors: dict) -> list[int]:

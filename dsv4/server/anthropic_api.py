@@ -17,13 +17,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dsv4.chat.encoding import completion_mode_for_prompt
-from dsv4.chat.openai import RequestError, from_openai_request
+from dsv4.chat.openai import ChatPrompt, RequestError, from_openai_request
 from dsv4.chat.parser import (
     CompletionParser,
     ContentDelta,
@@ -35,7 +35,7 @@ from dsv4.chat.parser import (
 )
 from dsv4.engine.sampling import SamplingParams
 from dsv4.server.engine_client import EngineError, SequenceDelta
-from dsv4.server.errors import bad_request
+from dsv4.server.errors import APIError, bad_request
 from dsv4.server.openai_api import log_recoveries
 from dsv4.server.serving import (
     REQUEST_ID,
@@ -46,7 +46,6 @@ from dsv4.server.serving import (
     engine_failure,
     json_dumps,
     parse_body,
-    read_json,
     sampling_error,
     unless_disconnected,
 )
@@ -56,6 +55,8 @@ log = logging.getLogger("dsv4.server")
 _THINKING_ON = ("enabled", "adaptive")
 # Anthropic's effort levels, in the words dsv4.chat.openai understands.
 _EFFORTS = ("low", "medium", "high", "xhigh", "max")
+# Anthropic's temperature range (OpenAI's is [0, 2]).
+MAX_TEMPERATURE = 1.0
 
 
 class CountTokensRequest(StrictModel):
@@ -77,6 +78,9 @@ class MessagesRequest(CountTokensRequest):
     top_k: int | None = None
 
 
+Fields = TypeVar("Fields", bound=CountTokensRequest)
+
+
 def new_tool_use_id() -> str:
     return f"toolu_{uuid.uuid4().hex[:24]}"
 
@@ -87,9 +91,11 @@ def _object(value: Any, where: str) -> Mapping[str, Any]:
     return value
 
 
-def _string(value: Any, where: str) -> str:
+def _string(value: Any, where: str, *, non_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise bad_request(f"{where} must be a string, got {type(value).__name__}", where)
+    if non_empty and not value:
+        raise bad_request(f"{where} must not be empty", where)
     return value
 
 
@@ -112,8 +118,9 @@ def _text(content: Any, where: str) -> str:
     return "\n\n".join(parts)
 
 
-def _user_messages(blocks: list[Mapping[str, Any]], where: str) -> list[dict[str, Any]]:
-    """A user turn: its text, and each tool_result as a tool message, in block order."""
+def _user_messages(blocks: list[Mapping[str, Any]], where: str, tool_use_ids: set[str]) -> list[dict[str, Any]]:
+    """A user turn: its text, and each tool_result as a tool message, in block order. A tool_result must
+    answer a tool_use block of an earlier assistant turn (``tool_use_ids``)."""
     messages: list[dict[str, Any]] = []
     texts: list[dict[str, str]] = []
     for j, block in enumerate(blocks):
@@ -128,7 +135,11 @@ def _user_messages(blocks: list[Mapping[str, Any]], where: str) -> list[dict[str
             result = _text(block.get("content") or "", f"{at}.content")
             if block.get("is_error"):
                 result = f"Error: {result}"
-            call_id = _string(block.get("tool_use_id"), f"{at}.tool_use_id")
+            call_id = _string(block.get("tool_use_id"), f"{at}.tool_use_id", non_empty=True)
+            if call_id not in tool_use_ids:
+                raise bad_request(
+                    f"{at}.tool_use_id: no earlier assistant tool_use block has id {call_id!r}", f"{at}.tool_use_id"
+                )
             messages.append({"role": "tool", "tool_call_id": call_id, "content": result})
         else:
             raise bad_request(f"{at}: {kind!r} blocks are not supported in user turns (text and tool_result)", at)
@@ -154,9 +165,12 @@ def _assistant_message(blocks: list[Mapping[str, Any]], where: str) -> dict[str,
             arguments = json.dumps(_object(block.get("input"), f"{at}.input"), ensure_ascii=False)
             calls.append(
                 {
-                    "id": _string(block.get("id"), f"{at}.id"),
+                    "id": _string(block.get("id"), f"{at}.id", non_empty=True),
                     "type": "function",
-                    "function": {"name": _string(block.get("name"), f"{at}.name"), "arguments": arguments},
+                    "function": {
+                        "name": _string(block.get("name"), f"{at}.name", non_empty=True),
+                        "arguments": arguments,
+                    },
                 }
             )
         else:
@@ -171,11 +185,16 @@ def _assistant_message(blocks: list[Mapping[str, Any]], where: str) -> dict[str,
 
 def _tools(tools: list[Any]) -> list[dict[str, Any]]:
     converted = []
+    names: set[str] = set()
     for i, tool in enumerate(tools):
         tool = _object(tool, f"tools[{i}]")
         if tool.get("type") not in (None, "custom"):
             raise bad_request(f"tools[{i}]: server tools ({tool.get('type')!r}) are not supported", f"tools[{i}].type")
-        function: dict[str, Any] = {"name": _string(tool.get("name"), f"tools[{i}].name")}
+        name = _string(tool.get("name"), f"tools[{i}].name", non_empty=True)
+        if name in names:
+            raise bad_request(f"tools[{i}].name: duplicate tool name {name!r}", f"tools[{i}].name")
+        names.add(name)
+        function: dict[str, Any] = {"name": name}
         if tool.get("description") is not None:
             function["description"] = _string(tool["description"], f"tools[{i}].description")
         function["parameters"] = dict(_object(tool.get("input_schema", {}), f"tools[{i}].input_schema"))
@@ -183,14 +202,19 @@ def _tools(tools: list[Any]) -> list[dict[str, Any]]:
     return converted
 
 
-def _tool_choice(choice: Mapping[str, Any]) -> str | dict[str, Any]:
+def _tool_choice(choice: Mapping[str, Any], tools: list[dict[str, Any]]) -> str | dict[str, Any]:
     kind = choice.get("type")
     if kind in ("auto", "none"):
         return kind
     if kind == "any":
+        if not tools:
+            raise bad_request("tool_choice.type 'any' needs at least one tool in 'tools'", "tool_choice.type")
         return "required"
     if kind == "tool":
-        return {"type": "function", "function": {"name": _string(choice.get("name"), "tool_choice.name")}}
+        name = _string(choice.get("name"), "tool_choice.name")
+        if name not in [tool["function"]["name"] for tool in tools]:
+            raise bad_request(f"tool_choice.name: {name!r} is not one of the request's tools", "tool_choice.name")
+        return {"type": "function", "function": {"name": name}}
     raise bad_request(f"tool_choice.type must be 'auto', 'any', 'tool' or 'none', got {kind!r}", "tool_choice.type")
 
 
@@ -199,22 +223,27 @@ def to_openai_body(request: CountTokensRequest) -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
     if request.system is not None:
         messages.append({"role": "system", "content": _text(request.system, "system")})
+    tool_use_ids: set[str] = set()
     for i, message in enumerate(request.messages):
         where = f"messages[{i}]"
         message = _object(message, where)
         role = message.get("role")
         blocks = _blocks(message.get("content"), f"{where}.content")
         if role == "user":
-            messages += _user_messages(blocks, where)
+            messages += _user_messages(blocks, where, tool_use_ids)
         elif role == "assistant":
             messages.append(_assistant_message(blocks, where))
+            tool_use_ids.update(call["id"] for call in messages[-1].get("tool_calls", ()))
         else:
             raise bad_request(f"{where}.role must be 'user' or 'assistant', got {role!r}", f"{where}.role")
+    if not request.messages:
+        raise bad_request("messages must not be empty", "messages")
     body: dict[str, Any] = {"messages": messages}
-    if request.tools:
-        body["tools"] = _tools(request.tools)
+    tools = _tools(request.tools or [])
+    if tools:
+        body["tools"] = tools
     if request.tool_choice is not None:
-        body["tool_choice"] = _tool_choice(request.tool_choice)
+        body["tool_choice"] = _tool_choice(request.tool_choice, tools)
     kind = (request.thinking or {}).get("type", "disabled")
     if kind not in (*_THINKING_ON, "disabled"):
         raise bad_request(f"thinking.type must be 'enabled', 'adaptive' or 'disabled', got {kind!r}", "thinking.type")
@@ -227,13 +256,27 @@ def to_openai_body(request: CountTokensRequest) -> dict[str, Any]:
     return body
 
 
-async def _prompt(request: CountTokensRequest, backend: Backend) -> EncodedPrompt:
-    backend.check_model(request.model)
+def chat_prompt(request: CountTokensRequest) -> ChatPrompt:
     try:
-        chat = from_openai_request(to_openai_body(request), default_thinking=False)
+        return from_openai_request(to_openai_body(request), default_thinking=False)
     except RequestError as error:
         raise bad_request(str(error), error.field) from None
+
+
+async def _read(request: Request, backend: Backend, model: type[Fields]) -> Fields:
+    body = await backend.read_json(request)
+    fields = await backend.offload(request, parse_body, model, body)
+    backend.check_model(fields.model)
+    return fields
+
+
+async def _prompt(request: Request, fields: CountTokensRequest, backend: Backend) -> EncodedPrompt:
+    chat = await backend.offload(request, chat_prompt, fields)
     return await backend.encode_chat(chat)
+
+
+def anthropic_error_event(error: APIError) -> str:
+    return sse(error.anthropic_body())
 
 
 def stop_details(parsed: ParsedCompletion, finish: SequenceDelta) -> tuple[str, str | None]:
@@ -318,22 +361,34 @@ class BlockWriter:
 
 
 async def count_tokens(request: Request, backend: Backend) -> Response:
-    fields = parse_body(CountTokensRequest, await read_json(request))
-    prompt = await _prompt(fields, backend)
+    fields = await _read(request, backend, CountTokensRequest)
+    prompt = await _prompt(request, fields, backend)
     return JSONResponse({"input_tokens": len(prompt.token_ids)})
 
 
-async def messages(request: Request, backend: Backend) -> Response:
-    arrival = time.monotonic()
-    fields = parse_body(MessagesRequest, await read_json(request))
-    prompt = await _prompt(fields, backend)
+def sampling_params(fields: MessagesRequest) -> SamplingParams:
+    """The request's sampling fields in Anthropic's ranges (temperature in [0, 1])."""
+    if fields.temperature is not None and not 0 <= fields.temperature <= MAX_TEMPERATURE:
+        raise bad_request(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {fields.temperature}", "temperature")
     names = ("temperature", "top_p", "top_k")
     kwargs = {name: getattr(fields, name) for name in names if getattr(fields, name) is not None}
     params = SamplingParams(**kwargs, max_tokens=fields.max_tokens, stop=list(fields.stop_sequences or []))
     try:
         params.validate()
     except ValueError as error:
-        raise sampling_error(error) from None
+        api_error = sampling_error(error)
+        if api_error.param == "stop":  # SamplingParams' name for it
+            raise bad_request(api_error.message.replace("stop", "stop_sequences", 1), "stop_sequences") from None
+        raise api_error from None
+    return params
+
+
+async def messages(request: Request, backend: Backend) -> Response:
+    arrival = time.monotonic()
+    fields = await _read(request, backend, MessagesRequest)
+    params = sampling_params(fields)
+    prompt = await _prompt(request, fields, backend)
+    backend.check_context(len(prompt.token_ids), fields.max_tokens, "max_tokens")
     stream = backend.submit([prompt.token_ids], [[params]])
     backend.remember_prompt(prompt)
 
@@ -391,7 +446,7 @@ async def messages(request: Request, backend: Backend) -> Response:
             except EngineError as error:
                 yield sse(engine_failure(error).anthropic_body())
 
-        return EventStreamResponse(events(), stream.close)
+        return EventStreamResponse(events(), stream.close, anthropic_error_event)
 
     async def collect() -> SequenceDelta:
         async for _, delta in backend.deltas(stream, arrival):

@@ -7,6 +7,7 @@ requests (graceful shutdown on SIGTERM), so no sequence is cut off while its cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -25,7 +26,7 @@ from dsv4.server import anthropic_api, openai_api
 from dsv4.server.engine_client import EngineClient
 from dsv4.server.errors import APIError
 from dsv4.server.metrics import ServerMetrics
-from dsv4.server.serving import REQUEST_ID, Backend, ServerConfig
+from dsv4.server.serving import REQUEST_ID, Backend, ServerConfig, internal_error
 
 log = logging.getLogger("dsv4.server")
 
@@ -62,9 +63,21 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
+# The status a response is counted and logged under when the client went away before its end (nginx's
+# "client closed request"): a stream the client aborted after its 200 went out, or a request whose client
+# hung up while it waited.
+CLIENT_CLOSED = 499
+
+
 class RequestContext:
     """Gives each HTTP request an id (log lines, ``x-request-id`` header, API object ids), logs one access
-    line when the response is complete - after the last streamed byte - and counts it by route and status."""
+    line when the response is complete - after the last streamed byte - and counts it by route and status.
+
+    It is also the last line of defence: an exception no handler turned into an API error is a bug, logged
+    once here under the request's id and answered with a well-formed 500 in the route's error shape (with
+    the ``x-request-id`` header), so that the connection stays usable for the client's next request. A
+    response that started but never completed counts as 499: the client aborted it.
+    """
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
@@ -76,29 +89,47 @@ class RequestContext:
             return
         request_id = uuid.uuid4().hex[:24]
         token = REQUEST_ID.set(request_id)
-        status = 500
+        status: int | None = None
+        complete = False
         start = time.monotonic()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete = True
             await send(message)
 
+        path = scope["path"]
+        note = ""
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as error:
+            if status is None:
+                log.exception("unhandled error")
+                await _error_response(path, internal_error(error))(scope, receive, send_with_id)
+            else:  # too late for a status: end the body so that the connection can serve the next request
+                log.exception("unhandled error after the response started")
+                note = " (cut short by an error)"
+                with contextlib.suppress(Exception):
+                    await send_with_id({"type": "http.response.body", "body": b"", "more_body": False})
+                status = 500
         finally:
-            path = scope["path"]
+            if status is not None and not complete:
+                note = f" (client closed the connection after {status} was sent)"
+                status = CLIENT_CLOSED
+            status = 500 if status is None else status
             self.metrics.http_requests.labels(path if path in ROUTES else "other", str(status)).inc()
-            level = logging.DEBUG if path in _QUIET else logging.INFO
-            log.log(level, "%s %s %d %.0f ms", scope["method"], path, status, 1000 * (time.monotonic() - start))
+            level = logging.DEBUG if path in _QUIET and status < 400 else logging.INFO
+            elapsed = 1000 * (time.monotonic() - start)
+            log.log(level, "%s %s %d %.0f ms%s", scope["method"], path, status, elapsed, note)
             REQUEST_ID.reset(token)
 
 
-def _error_response(request: Request, error: APIError) -> JSONResponse:
-    anthropic = request.url.path.startswith("/v1/messages")
-    body = error.anthropic_body() if anthropic else error.openai_body()
+def _error_response(path: str, error: APIError) -> JSONResponse:
+    body = error.anthropic_body() if path.startswith("/v1/messages") else error.openai_body()
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
@@ -122,16 +153,14 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def api_error(request: Request, error: APIError) -> Response:
         if error.status >= 500:
             log.error("%s", error.message)
-        return _error_response(request, error)
+        return _error_response(request.url.path, error)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> Response:
-        return _error_response(request, APIError(error.status_code, str(error.detail), headers=error.headers))
+        return _error_response(request.url.path, APIError(error.status_code, str(error.detail), headers=error.headers))
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception) -> Response:
-        log.exception("unhandled error")
-        return _error_response(request, APIError(500, f"internal server error ({type(error).__name__})"))
+    # anything else is a bug: RequestContext logs it and answers 500 (an Exception handler here would be
+    # Starlette's outermost middleware, which answers without the request id and re-raises to the server)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

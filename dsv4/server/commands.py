@@ -12,7 +12,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from dsv4.tiny import TINY_RANDOM
+from dsv4.server.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
+from dsv4.tiny import TINY_RANDOM, TINY_RANDOM_CONTEXT
 
 log = logging.getLogger("dsv4.server")
 
@@ -75,6 +76,43 @@ def add_prefix_cache_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def model_context(model: str) -> int | None:
+    """The context a model's config allows (``max_position_embeddings``), read without loading weights;
+    None when ``model`` is neither tiny-random, a preset nor a checkpoint directory (the engine says why)."""
+    from dsv4.checkpoint import open_checkpoint_config
+    from dsv4.config import PRESETS_DIR, ModelConfig
+
+    if model == TINY_RANDOM:
+        return TINY_RANDOM_CONTEXT
+    path = Path(model)
+    if path.is_dir():
+        return open_checkpoint_config(path).max_position_embeddings
+    if (PRESETS_DIR / f"{model}.json").exists():
+        return ModelConfig.preset(model).max_position_embeddings
+    return None
+
+
+def check_max_model_len(requested: int | None, model: str, allowed: int | None) -> None:
+    """``--max-model-len`` may lower the model's context, never raise it: the engine would silently clamp."""
+    if requested is None:
+        return
+    if requested < 2:
+        raise ValueError(f"--max-model-len must be >= 2 (one prompt token and one to generate), got {requested}")
+    if allowed is not None and requested > allowed:
+        raise ValueError(
+            f"--max-model-len {requested} is above the context of {model} ({allowed} tokens, its "
+            "max_position_embeddings); omit it to serve the full context, or pass a smaller value"
+        )
+
+
+def server_limits(args: argparse.Namespace) -> dict[str, int]:
+    if args.max_body_bytes < 1:
+        raise ValueError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
+    if args.max_json_depth < 2:
+        raise ValueError(f"--max-json-depth must be >= 2, got {args.max_json_depth}")
+    return {"max_body_bytes": args.max_body_bytes, "max_json_depth": args.max_json_depth}
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -86,6 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     cache_kwargs = prefix_cache_kwargs(args)
+    limits = server_limits(args)
+    check_max_model_len(args.max_model_len, args.model, model_context(args.model))
     configure_logging(args.log_level)
     llm = LLM(
         args.model,
@@ -99,15 +139,19 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if llm.model is None:
         raise ValueError(f"{args.model} is a preset with shapes only: serve a checkpoint directory or {TINY_RANDOM}")
+    check_max_model_len(args.max_model_len, args.model, llm.config.max_position_embeddings)
     engine = LLMEngineClient(llm, max_queue=args.max_queue)
     names = tuple(args.served_model_name or [Path(args.model).name or args.model])
-    app = create_app(engine, ServerConfig(model_names=names, default_thinking=args.thinking == "on"))
+    config = ServerConfig(
+        model_names=names, default_thinking=args.thinking == "on", session_dir=args.session_dir, **limits
+    )
+    app = create_app(engine, config)
     if not _is_loopback(args.host):
         log.warning("listening on %s: the API has no authentication, anyone who can reach it can use it", args.host)
     log.info(
         "OpenAI base URL http://%s:%d/v1, Anthropic base URL http://%s:%d", args.host, args.port, args.host, args.port
     )
-    config = uvicorn.Config(
+    uvicorn_config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
@@ -118,7 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn drains on SIGTERM, then re-raises the signal with the handler it found installed; a no-op
     # one lets a graceful shutdown end with status 0 instead of death by signal
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.Server(config).run()
+    uvicorn.Server(uvicorn_config).run()
     return 0
 
 
@@ -141,7 +185,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--numerics", default=None, help="bf16_official, fp32_sim or fp32_nosim (default: by checkpoint)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences the engine runs at once")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait beyond those; then 429")
-    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context limit, at most the model's (default: the model's); prompt + max_tokens must fit in it",
+    )
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="size the KV pool to this many bytes")
     p.add_argument("--seed", type=int, default=0, help="seed for requests that bring none")
     add_prefix_cache_arguments(p)
@@ -155,6 +204,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("on", "off"),
         default="on",
         help="OpenAI requests that neither switch thinking nor set reasoning_effort think by default",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="N",
+        help=f"larger request bodies get 413 before they are read (default: {DEFAULT_MAX_BODY_BYTES} = 32 MiB)",
+    )
+    p.add_argument(
+        "--max-json-depth",
+        type=int,
+        default=DEFAULT_MAX_JSON_DEPTH,
+        metavar="N",
+        help=f"request bodies nesting arrays and objects deeper than this get 400 (default: {DEFAULT_MAX_JSON_DEPTH})",
     )
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain requests on SIGTERM")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))

@@ -13,7 +13,17 @@ from typing import Any
 
 # OpenAI reports every client error as invalid_request_error; the status tells them apart.
 _OPENAI_TYPES = {429: "rate_limit_error", 503: "service_unavailable"}
-_ANTHROPIC_TYPES = {404: "not_found_error", 429: "rate_limit_error", 503: "overloaded_error"}
+_ANTHROPIC_TYPES = {404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
+# Messages quote what the client sent; a quoted 10 MB string would make a 10 MB error body.
+MAX_MESSAGE_CHARS = 2000
+
+
+def printable(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` safe to put in a response: lone surrogates escaped (they cannot be encoded as UTF-8), and cut
+    to ``limit`` characters."""
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class APIError(Exception):
@@ -28,6 +38,7 @@ class APIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
+        message, param = printable(message), None if param is None else printable(param, 200)
         super().__init__(message)
         self.status = status
         self.message = message

@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from dsv4.chat.encoding import completion_mode_for_prompt
-from dsv4.chat.openai import RequestError, from_openai_request
+from dsv4.chat.openai import ChatPrompt, RequestError, from_openai_request
 from dsv4.chat.parser import (
     CompletionParser,
     ContentDelta,
@@ -32,7 +32,7 @@ from dsv4.chat.tokenizer import ChatTokenizer
 from dsv4.engine.sampler import SampledToken
 from dsv4.engine.sampling import MAX_LOGPROBS, SamplingParams
 from dsv4.server.engine_client import EngineError, SequenceDelta
-from dsv4.server.errors import bad_request
+from dsv4.server.errors import APIError, bad_request
 from dsv4.server.serving import (
     MAX_CHOICES,
     REQUEST_ID,
@@ -45,7 +45,6 @@ from dsv4.server.serving import (
     engine_failure,
     json_dumps,
     parse_body,
-    read_json,
     sampling_error,
 )
 
@@ -53,6 +52,9 @@ log = logging.getLogger("dsv4.server")
 
 # The legacy completions API's default when max_tokens is absent.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# OpenAI's ranges.
+MAX_TEMPERATURE = 2.0
+MAX_LOGIT_BIAS = 100
 
 
 class StreamOptions(StrictModel):
@@ -65,6 +67,7 @@ class OpenAIRequest(SamplingFields):
     model: str
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    logit_bias: Any = None
 
 
 class ChatCompletionRequest(OpenAIRequest):
@@ -90,22 +93,57 @@ Fields = TypeVar("Fields", bound=OpenAIRequest)
 
 
 async def read_request(request: Request, backend: Backend, model: type[Fields]) -> tuple[dict[str, Any], Fields]:
-    """The body of an OpenAI request, raw and validated: a served model and 1..MAX_CHOICES choices."""
-    body = await read_json(request)
-    fields = parse_body(model, body)
+    """The body of an OpenAI request, raw and validated: a served model, 1..MAX_CHOICES choices, OpenAI's
+    temperature range and a logit_bias within the vocabulary."""
+    body = await backend.read_json(request)
+    fields = await backend.offload(request, parse_body, model, body)
     backend.check_model(fields.model)
     if not 1 <= fields.num_choices <= MAX_CHOICES:
         raise bad_request(f"n must be an integer in [1, {MAX_CHOICES}], got {fields.num_choices}", "n")
+    if fields.temperature is not None and not 0 <= fields.temperature <= MAX_TEMPERATURE:
+        raise bad_request(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {fields.temperature}", "temperature")
+    check_logit_bias(fields.logit_bias, backend.engine.vocab_size)
     return body, fields
+
+
+def check_logit_bias(value: Any, vocab_size: int) -> None:
+    """OpenAI's ``logit_bias``: token id (a string of digits) -> a bias in [-100, 100].
+
+    The engine has no per-token bias, so a well-formed map with a non-zero bias is refused too: ignoring it
+    would sample tokens the client banned.
+    """
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise bad_request(f"logit_bias must be an object of token id -> bias, got {type(value).__name__}", "logit_bias")
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 20) or not 0 <= int(key) < vocab_size:
+            raise bad_request(
+                f"logit_bias: {key!r} is not a token id of this model's vocabulary [0, {vocab_size})", "logit_bias"
+            )
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+            raise bad_request(
+                f"logit_bias[{key}] must be a number in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}], got {bias!r}",
+                "logit_bias",
+            )
+    if any(bias != 0 for bias in value.values()):
+        raise bad_request("logit_bias is not supported: this engine applies no per-token bias", "logit_bias")
 
 
 def build_params(fields: SamplingFields, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
     params = SamplingParams(**fields.sampling_kwargs(), seed=fields.seed, max_tokens=max_tokens, logprobs=logprobs)
+    choices = choice_params(params, fields.num_choices)
     try:
-        params.validate()
+        for choice in choices[:1] + choices[-1:]:  # a seeded request's last choice has the largest seed
+            choice.validate()
     except ValueError as error:
         raise sampling_error(error) from None
-    return choice_params(params, fields.num_choices)
+    return choices
+
+
+def openai_error_event(error: APIError) -> str:
+    """How an OpenAI stream that has started reports an error: an error object, then the end marker."""
+    return f"data: {json_dumps(error.openai_body())}\n\ndata: [DONE]\n\n"
 
 
 def openai_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -207,13 +245,17 @@ def chunk_deltas(events: list[ParserEvent]) -> list[dict[str, Any]]:
     return deltas
 
 
+def chat_prompt(body: dict[str, Any], default_thinking: bool) -> ChatPrompt:
+    try:
+        return from_openai_request(body, default_thinking=default_thinking)
+    except RequestError as error:
+        raise bad_request(str(error), error.field) from None
+
+
 async def chat_completions(request: Request, backend: Backend) -> Response:
     arrival = time.monotonic()
     body, fields = await read_request(request, backend, ChatCompletionRequest)
-    try:
-        chat = from_openai_request(body, default_thinking=backend.config.default_thinking)
-    except RequestError as error:
-        raise bad_request(str(error), error.field) from None
+    chat = await backend.offload(request, chat_prompt, body, backend.config.default_thinking)
     top_logprobs = None
     if fields.logprobs:
         top_logprobs = fields.top_logprobs or 0
@@ -222,10 +264,14 @@ async def chat_completions(request: Request, backend: Backend) -> Response:
     elif fields.top_logprobs is not None:
         raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
     prompt = await backend.encode_chat(chat)
-    max_tokens = fields.max_completion_tokens if fields.max_completion_tokens is not None else fields.max_tokens
+    max_tokens, param = fields.max_completion_tokens, "max_completion_tokens"
     if max_tokens is None:
-        max_tokens = backend.default_max_tokens(prompt.token_ids)
-    params = build_params(fields, max_tokens, top_logprobs)
+        max_tokens, param = fields.max_tokens, "max_tokens"
+    if max_tokens is None:  # the rest of the context; an explicit value must fit in it
+        params = build_params(fields, backend.default_max_tokens(prompt.token_ids), top_logprobs)
+    else:
+        params = build_params(fields, max_tokens, top_logprobs)
+        backend.check_context(len(prompt.token_ids), max_tokens, param)
     stream = backend.submit([prompt.token_ids], [params])
     backend.remember_prompt(prompt)
 
@@ -284,7 +330,7 @@ async def chat_completions(request: Request, backend: Backend) -> Response:
                 yield f"data: {json_dumps(engine_failure(error).openai_body())}\n\n"
             yield "data: [DONE]\n\n"
 
-        return EventStreamResponse(events(), stream.close)
+        return EventStreamResponse(events(), stream.close, openai_error_event)
 
     await backend.collect(request, stream, arrival, lambda index, delta: choices[index].update(delta))
     log_done()
@@ -320,10 +366,15 @@ async def _completion_prompts(fields: CompletionRequest, backend: Backend) -> li
         items = list(prompt)  # type: ignore[arg-type]
     if not items:
         raise bad_request("prompt must not be an empty list", "prompt")
+    backend.check_capacity(len(items) * fields.num_choices, "prompt")
     prompts = []
     for item in items:
-        ids = await backend.encode_text(item) if isinstance(item, str) else item
-        if any(not 0 <= t < backend.engine.vocab_size for t in ids):
+        if isinstance(item, str):
+            ids = await backend.encode_text(item, "prompt")
+        else:
+            backend.check_prompt(item, "prompt")  # its length first: the range check below is O(length)
+            ids = item
+        if ids and not (min(ids) >= 0 and max(ids) < backend.engine.vocab_size):
             raise bad_request(f"prompt token ids must be in [0, {backend.engine.vocab_size})", "prompt")
         backend.check_prompt(ids, "prompt")
         prompts.append(ids)
@@ -377,8 +428,13 @@ async def completions(request: Request, backend: Backend) -> Response:
     if fields.logprobs is not None and not 0 <= fields.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {fields.logprobs}", "logprobs")
     prompts = await _completion_prompts(fields, backend)
-    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if fields.max_tokens is None else fields.max_tokens
+    longest = max(len(p) for p in prompts)
+    max_tokens = fields.max_tokens
+    if max_tokens is None:  # the default is cut to the room left; an explicit value must fit
+        max_tokens = min(COMPLETIONS_DEFAULT_MAX_TOKENS, backend.engine.max_model_len - longest)
     params = build_params(fields, max_tokens, fields.logprobs)
+    if fields.max_tokens is not None:
+        backend.check_context(longest, max_tokens, "max_tokens")
     stream = backend.submit(prompts, [params] * len(prompts))
 
     tokenizer = backend.engine.tokenizer
@@ -424,7 +480,7 @@ async def completions(request: Request, backend: Backend) -> Response:
                 yield f"data: {json_dumps(engine_failure(error).openai_body())}\n\n"
             yield "data: [DONE]\n\n"
 
-        return EventStreamResponse(events(), stream.close)
+        return EventStreamResponse(events(), stream.close, openai_error_event)
 
     await backend.collect(request, stream, arrival, lambda index, delta: choices[index].update(delta))
     return JSONResponse(

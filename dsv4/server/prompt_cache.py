@@ -34,7 +34,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from dsv4.chat.tokenizer import ChatTokenizer
+from dsv4.chat.tokenizer import ChatTokenizer, TooManyTokens
 
 # Characters of recorded text kept (least recently used first out). Each entry holds a whole rendered
 # history, a few bytes a character, plus its ids at 4 bytes each (about one per 3-4 characters): 64M
@@ -74,13 +74,22 @@ class PromptMemory:
     def chars(self) -> int:
         return self._chars
 
-    def encode(self, text: str) -> list[int]:
-        """The ids of ``text``: a recorded prefix's ids, then the tokenisation of what follows it."""
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """The ids of ``text``: a recorded prefix's ids, then the tokenisation of what follows it. With
+        ``limit``, more ids than that raise :class:`TooManyTokens`."""
         match = self.longest_prefix(text)
-        if match is None:
-            return self._tokenizer.encode(text)
-        length, ids = match
-        return ids + (self._tokenizer.encode(text[length:]) if length < len(text) else [])
+        length, ids = (0, []) if match is None else match
+        if limit is not None and len(ids) > limit:  # the rest is not worth tokenising
+            raise TooManyTokens(len(ids) + (length < len(text)), limit, exact=length == len(text))
+        if length == len(text):
+            return ids
+        if limit is None:
+            return ids + self._tokenizer.encode(text[length:])
+        try:
+            rest = self._tokenizer.encode(text[length:], limit=max(0, limit - len(ids)))
+        except TooManyTokens as error:
+            raise TooManyTokens(len(ids) + error.count, limit) from None
+        return ids + rest
 
     def longest_prefix(self, text: str) -> tuple[int, list[int]] | None:
         """(characters, ids) of the longest recorded text that ``text`` starts with at a clean cut."""

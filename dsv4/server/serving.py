@@ -11,10 +11,13 @@ import asyncio
 import contextvars
 import json
 import logging
+import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -25,7 +28,9 @@ from starlette.types import Receive, Scope, Send
 from dsv4.chat.encoding import EncodingError, SampledInvoke
 from dsv4.chat.openai import ChatPrompt
 from dsv4.chat.parser import ParsedCompletion
+from dsv4.chat.tokenizer import TooManyTokens
 from dsv4.engine.sampling import SamplingParams
+from dsv4.server.body import parse_json, read_body
 from dsv4.server.engine_client import (
     EngineClient,
     EngineError,
@@ -35,6 +40,7 @@ from dsv4.server.engine_client import (
     SequenceRequest,
 )
 from dsv4.server.errors import APIError, bad_request
+from dsv4.server.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
 from dsv4.server.metrics import SequenceClock, ServerMetrics
 from dsv4.server.prompt_cache import PromptMemory
 
@@ -50,12 +56,27 @@ TOOL_CALL_MEMORY = 65536
 # Characters of reasoning remembered for tool-calling turns, restored when a client drops it (oldest out).
 REASONING_MEMORY_CHARS = 16 * 2**20
 RETRY_AFTER_SECONDS = 1
+# The tool-call memory's journal, in the session directory (next to the engine's checkpoints).
+TOOL_CALL_JOURNAL = "server/tool_calls.jsonl"
+JOURNAL_COMPACT_FACTOR = 4
+# Bodies larger than this are parsed, validated and rendered in a worker thread rather than on the event
+# loop, so that /health and the open streams are never held up by another request's JSON.
+OFFLOAD_BYTES = 64 * 2**10
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     model_names: tuple[str, ...]  # the first is reported in responses; the others are accepted aliases
     default_thinking: bool = True  # for OpenAI requests that neither switch thinking nor set an effort
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger bodies get 413 before they are read
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH  # deeper bodies get 400
+    session_dir: Path | None = None  # the engine's session directory: the tool-call memory persists there too
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.max_json_depth < 2:
+            raise ValueError(f"max_json_depth must be >= 2 (a body holding a list), got {self.max_json_depth}")
 
 
 class StrictModel(BaseModel):
@@ -109,17 +130,6 @@ Model = TypeVar("Model", bound=BaseModel)
 T = TypeVar("T")
 
 
-async def read_json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise bad_request(f"the request body is not valid JSON: {error}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
 def parse_body(model: type[Model], body: dict[str, Any]) -> Model:
     try:
         return model.model_validate(body)
@@ -152,9 +162,19 @@ class ToolCallMemory:
     Two things are remembered: each call's DSML (clients re-serialise arguments), and the reasoning of the
     turn (many clients drop ``reasoning_content`` or thinking blocks, yet tool conversations render every
     turn's reasoning). Both are bounded, least recently used first out.
+
+    With a ``journal`` (a file in the session directory) every remembered turn is appended to it as one JSON
+    line and replayed at start-up, so that after a restart a history sent back still renders to what the
+    restored checkpoints hold. A torn last line (a crash mid-write) is skipped; the file is rewritten from
+    what is remembered once it grows past ``JOURNAL_COMPACT_FACTOR`` times that.
     """
 
-    def __init__(self, capacity: int = TOOL_CALL_MEMORY, reasoning_chars: int = REASONING_MEMORY_CHARS) -> None:
+    def __init__(
+        self,
+        capacity: int = TOOL_CALL_MEMORY,
+        reasoning_chars: int = REASONING_MEMORY_CHARS,
+        journal: Path | None = None,
+    ) -> None:
         self._capacity = capacity
         self._calls: OrderedDict[str, SampledInvoke] = OrderedDict()
         self._reasoning_limit = reasoning_chars
@@ -162,6 +182,37 @@ class ToolCallMemory:
         self._turns: OrderedDict[tuple[str, ...], str] = OrderedDict()
         self._turn_of: dict[str, tuple[str, ...]] = {}
         self._reasoning_chars = 0
+        self._journal = journal
+        if journal is not None:
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            self._replay(journal)
+
+    def _replay(self, journal: Path) -> None:
+        if not journal.is_file():
+            return
+        lines = journal.read_text(encoding="utf-8", errors="replace").splitlines()
+        for line in lines:
+            try:
+                record = json.loads(line)
+                calls = {i: SampledInvoke(*fields) for i, fields in record["calls"].items() if fields is not None}
+                self._remember(calls, record.get("reasoning"), list(record["calls"]))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                log.warning("%s: skipping an unreadable line", journal)
+        if len(lines) > JOURNAL_COMPACT_FACTOR * max(1, len(self._calls) + len(self._turns)):
+            self._compact(journal)
+
+    def _record(self, call_ids: Iterable[str], reasoning: str | None) -> str:
+        calls = {i: [c.name, c.arguments, c.dsml] if (c := self._calls.get(i)) else None for i in call_ids}
+        return json.dumps({"calls": calls, "reasoning": reasoning}, ensure_ascii=False) + "\n"
+
+    def _compact(self, journal: Path) -> None:
+        """Rewrite the journal as what is remembered now: one line per turn with reasoning, one per other call."""
+        in_turns = {call_id for turn in self._turns for call_id in turn}
+        lines = [self._record(turn, reasoning) for turn, reasoning in self._turns.items()]
+        lines += [self._record([call_id], None) for call_id in self._calls if call_id not in in_turns]
+        scratch = journal.with_suffix(".tmp")
+        scratch.write_text("".join(lines), encoding="utf-8")
+        os.replace(scratch, journal)
 
     def remember(self, calls: Mapping[str, SampledInvoke]) -> None:
         for call_id, call in calls.items():
@@ -175,9 +226,24 @@ class ToolCallMemory:
 
     def remember_turn(self, message: ParsedCompletion) -> None:
         """A finished completion: its well-formed calls' DSML, and its reasoning when it called tools."""
-        self.remember(message.sampled_tool_calls())
-        if message.tool_calls and message.reasoning_content:
-            self.remember_reasoning([call.id for call in message.tool_calls], message.reasoning_content)
+        calls = message.sampled_tool_calls()
+        reasoning = message.reasoning_content if message.tool_calls else None
+        self._remember(calls, reasoning, [call.id for call in message.tool_calls])
+        if self._journal is not None and (calls or reasoning):
+            # a malformed call has no DSML (None) but still names the turn its reasoning belongs to
+            line = self._record([*calls, *(c.id for c in message.tool_calls if c.id not in calls)], reasoning)
+            try:
+                with self._journal.open("a", encoding="utf-8") as f:
+                    f.write(line)
+            except OSError as error:  # the memory still serves this process
+                log.warning("%s: not written: %s", self._journal, error)
+
+    def _remember(
+        self, calls: Mapping[str, SampledInvoke], reasoning: str | None, call_ids: Sequence[str] | None = None
+    ) -> None:
+        self.remember(calls)
+        if reasoning:
+            self.remember_reasoning(list(calls) if call_ids is None else call_ids, reasoning)
 
     def remember_reasoning(self, call_ids: Sequence[str], reasoning: str) -> None:
         if not call_ids or len(reasoning) > self._reasoning_limit:
@@ -248,8 +314,26 @@ class Backend:
         self.engine = engine
         self.config = config
         self.metrics = ServerMetrics(engine)
-        self.tool_calls = ToolCallMemory()
+        journal = config.session_dir / TOOL_CALL_JOURNAL if config.session_dir is not None else None
+        self.tool_calls = ToolCallMemory(journal=journal)
         self.prompts = PromptMemory(engine.tokenizer)
+        # no token stands for more bytes than this (nor characters: a character is at least one byte), so a
+        # text of more than max_model_len * this characters cannot fit, and is refused without tokenising it
+        self._max_token_chars = max(1, max(map(len, engine.tokenizer.token_bytes), default=1))
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        """The request's JSON object, within the byte and nesting limits, with no string that cannot be
+        encoded; a large body is parsed in a worker thread (and marked so, for :meth:`offload`)."""
+        raw = await read_body(request, self.config.max_body_bytes)
+        request.state.large_body = len(raw) > OFFLOAD_BYTES
+        return await self.offload(request, parse_json, raw, self.config.max_json_depth)
+
+    async def offload(self, request: Request, work: Callable[..., T], *args: Any) -> T:
+        """``work(*args)`` - validation or rendering of the request's body - in a worker thread when the
+        body is large, inline otherwise (a thread hop costs more than a small body's work)."""
+        if getattr(request.state, "large_body", False):
+            return await asyncio.to_thread(work, *args)
+        return work(*args)
 
     @property
     def model_name(self) -> str:
@@ -268,13 +352,44 @@ class Backend:
     def check_prompt(self, token_ids: list[int], param: str) -> None:
         if not token_ids:
             raise bad_request("the prompt is empty", param)
+        self._check_prompt_length(len(token_ids), param)
+
+    def _check_prompt_length(self, tokens: int, param: str, at_least: bool = False) -> None:
         limit = self.engine.max_model_len
-        if len(token_ids) >= limit:
+        if tokens >= limit:
             raise bad_request(
-                f"this model's maximum context length is {limit} tokens, and the prompt has {len(token_ids)} "
-                "(at least one token must be left to generate)",
+                f"this model's maximum context length is {limit} tokens, and the prompt has "
+                f"{'at least ' if at_least else ''}{tokens} (at least one token must be left to generate)",
                 param,
                 code="context_length_exceeded",
+            )
+
+    def check_text_fits(self, text: str, param: str) -> None:
+        """Refuse, without tokenising it, a text too long to fit the context whatever its tokens."""
+        self._check_prompt_length(math.ceil(len(text) / self._max_token_chars), param, at_least=True)
+
+    def check_context(self, prompt_tokens: int, max_tokens: int, param: str) -> None:
+        """OpenAI's and vLLM's rule: a request whose prompt plus ``max_tokens`` cannot fit the context is a
+        400, rather than a generation silently cut short by the context."""
+        limit = self.engine.max_model_len
+        if prompt_tokens + max_tokens > limit:
+            raise bad_request(
+                f"this model's maximum context length is {limit} tokens; the prompt has {prompt_tokens} and "
+                f"{param} asks for {max_tokens} more ({prompt_tokens + max_tokens} in all): lower {param} to at "
+                f"most {limit - prompt_tokens}, or shorten the prompt",
+                param,
+                code="context_length_exceeded",
+            )
+
+    def check_capacity(self, sequences: int, param: str) -> None:
+        """A request that needs more sequences than the engine ever holds at once is a 400: a 429 would
+        have the client retry a request that can never succeed."""
+        capacity = getattr(self.engine, "capacity", None)
+        if capacity is not None and sequences > capacity:
+            raise bad_request(
+                f"this request needs {sequences} sequences (prompts x n) and the server holds at most "
+                f"{capacity} at once (dsv4 serve --max-num-seqs + --max-queue)",
+                param,
             )
 
     async def encode_chat(self, chat: ChatPrompt) -> EncodedPrompt:
@@ -287,7 +402,12 @@ class Backend:
 
         def encode() -> EncodedPrompt:
             text = chat.render(sampled_tool_calls=sampled)
-            return EncodedPrompt(text, self.prompts.encode(text))
+            self.check_text_fits(text, "messages")
+            try:
+                return EncodedPrompt(text, self.prompts.encode(text, limit=self.engine.max_model_len - 1))
+            except TooManyTokens as error:
+                self._check_prompt_length(error.count, "messages", at_least=not error.exact)
+                raise
 
         try:
             prompt = await asyncio.to_thread(encode)
@@ -306,8 +426,15 @@ class Backend:
             prompt.text, prompt.token_ids, output_ids, finish.finish_reason, finish.stop_reason
         )
 
-    async def encode_text(self, text: str) -> list[int]:
-        return await asyncio.to_thread(self.engine.tokenizer.encode, text)
+    async def encode_text(self, text: str, param: str) -> list[int]:
+        """Tokenise off the event loop; a text that cannot fit the context is refused as soon as that is
+        known: from its length alone, or from its token count before its ids are listed."""
+        self.check_text_fits(text, param)
+        try:
+            return await asyncio.to_thread(self.engine.tokenizer.encode, text, limit=self.engine.max_model_len - 1)
+        except TooManyTokens as error:
+            self._check_prompt_length(error.count, param)
+            raise
 
     def default_max_tokens(self, prompt_ids: list[int]) -> int:
         return self.engine.max_model_len - len(prompt_ids)
@@ -320,6 +447,7 @@ class Backend:
             for p, (ids, choices) in enumerate(zip(prompts, params, strict=True))
             for i, choice in enumerate(choices)
         ]
+        self.check_capacity(len(requests), "n")
         try:
             return self.engine.submit(requests)
         except QueueFull as error:
@@ -398,12 +526,26 @@ class EventStreamResponse(StreamingResponse):
 
     Starlette cancels the body iterator when the client disconnects, which leaves async generators
     suspended rather than closed; ``on_close`` (the stream's abort) therefore runs here, in ``finally``.
+    A bug that raises once the stream has started cannot change the status any more: it is logged and
+    ends the stream with an error event (``error_event``), so the client sees why and the connection stays
+    usable.
     """
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+    def __init__(
+        self, content: AsyncIterator[str], on_close: Callable[[], None], error_event: Callable[[APIError], str]
+    ) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(content, media_type="text/event-stream", headers=headers)
+        super().__init__(self._guarded(content, error_event), media_type="text/event-stream", headers=headers)
         self._on_close = on_close
+
+    @staticmethod
+    async def _guarded(content: AsyncIterator[str], error_event: Callable[[APIError], str]) -> AsyncIterator[str]:
+        try:
+            async for event in content:
+                yield event
+        except Exception as error:
+            log.exception("unhandled error in a stream")
+            yield error_event(internal_error(error))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -418,3 +560,10 @@ def json_dumps(value: Any) -> str:
 
 def engine_failure(error: EngineError) -> APIError:
     return APIError(500, f"generation failed: {error}", code="engine_error")
+
+
+def internal_error(error: BaseException) -> APIError:
+    """What a client is told of a bug: its kind and the request id to report, not the traceback."""
+    return APIError(
+        500, f"internal server error ({type(error).__name__}); request id {REQUEST_ID.get()}", code="internal_error"
+    )
