@@ -225,6 +225,47 @@ def test_engine_client_bounds_its_queue_and_fails_streams_on_close(checkpoint: P
     assert not engine.healthy and stats.kv_used_bytes == 0 and stats.running == 0
 
 
+def test_a_faulting_step_fails_its_requests_and_the_engine_serves_on(checkpoint: Path, monkeypatch) -> None:
+    """A forward that raises fails the requests of that step with an error in their responses; the next
+    request is served; three failing steps in a row mark the engine unhealthy."""
+    llm = LLM(checkpoint, NUMERICS, max_num_seqs=2, progress=False)
+    forward = type(llm.model).forward
+    poisoned = 977
+
+    def faulty(self, tokens, spans, logit_rows=None):
+        if bool((tokens == poisoned).any()):
+            raise RuntimeError("injected fault")
+        return forward(self, tokens, spans, logit_rows)
+
+    monkeypatch.setattr(type(llm.model), "forward", faulty)
+    engine = LLMEngineClient(llm, max_queue=4)
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+
+    async def run(request_id: str, prompt: list[int]) -> list[int] | EngineError:
+        tokens: list[int] = []
+        try:
+            async for _, delta in engine.submit([SequenceRequest(request_id, prompt, params)]):
+                tokens += delta.token_ids
+        except EngineError as error:
+            return error
+        return tokens
+
+    async def scenario() -> None:
+        engine.start()
+        failed = await run("bad", [5, poisoned, 7])
+        assert isinstance(failed, EngineError) and "injected fault" in str(failed)
+        assert engine.healthy and len(await run("good", [5, 6, 7])) == 3
+        for i in range(3):
+            assert isinstance(await run(f"bad{i}", [poisoned, 6]), EngineError)
+        assert not engine.healthy
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert llm.pool is not None and engine.stats().kv_used_bytes == 0
+
+
 # ------------------------------------------------------------------------------------------ the command
 
 

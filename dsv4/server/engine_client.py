@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from dsv4.cache.prefix import PrefixCacheStats
 from dsv4.chat.tokenizer import ChatTokenizer
+from dsv4.engine.llm import StepFailed
 from dsv4.engine.sampler import SampledToken
 from dsv4.engine.sampling import SamplingParams
 
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
     from dsv4.engine.llm import LLM, RequestOutput
 
 log = logging.getLogger("dsv4.server.engine")
+
+
+# Steps in a row whose forward raised before the engine counts as broken rather than one request as bad.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 class QueueFull(Exception):
@@ -160,6 +165,7 @@ class LLMEngineClient:
         self._streams: dict[str, tuple[GenerationStream, int]] = {}
         self._closing = False
         self._failure: BaseException | None = None
+        self._consecutive_failures = 0
         self._stats = self._read_stats()
         self._thread = threading.Thread(target=self._run, name="dsv4-engine", daemon=True)
 
@@ -224,8 +230,7 @@ class LLMEngineClient:
                 for request_id in aborted:
                     self._llm.abort(request_id)
                 if self._llm.has_unfinished:
-                    for output in self._llm.step():
-                        self._deliver(output)
+                    self._step()
                 self._stats = self._read_stats()
                 if not self._llm.has_unfinished:
                     self._wake.wait()
@@ -236,6 +241,28 @@ class LLMEngineClient:
                 failed, self._streams = self._streams, {}
             for stream, index in failed.values():
                 stream.push(index, EngineError(f"engine failure: {error}"))
+
+    def _step(self) -> None:
+        """One engine step. A step whose forward raised has ended its own sequences (``StepFailed``): their
+        requests fail with the error and the others go on; ``MAX_CONSECUTIVE_STEP_FAILURES`` in a row mean
+        the engine itself is broken, and the server stops generating (``/health`` reports it)."""
+        try:
+            outputs = self._llm.step()
+        except StepFailed as failure:
+            self._consecutive_failures += 1
+            log.error("%s", failure, exc_info=failure.__cause__)
+            if self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                raise
+            for request_id in failure.request_ids:
+                with self._lock:
+                    target = self._streams.pop(request_id, None)
+                if target is not None:
+                    stream, index = target
+                    stream.push(index, EngineError(f"generation failed: {failure.__cause__!r}"))
+            return
+        self._consecutive_failures = 0
+        for output in outputs:
+            self._deliver(output)
 
     def _add(self, request: SequenceRequest, stream: GenerationStream, index: int) -> None:
         try:
