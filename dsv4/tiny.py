@@ -26,7 +26,7 @@ import torch
 from dsv4.chat.tokenizer import build_test_tokenizer
 from dsv4.checkpoint import expected_tensors, save_checkpoint
 from dsv4.config import FP4_BLOCK, QUANT_BLOCK, ModelConfig
-from dsv4.model.quant import quant_fp4_weight, quant_fp8_weight
+from dsv4.numerics.formats import quant_fp4_weight, quant_fp8_weight
 
 log = logging.getLogger("dsv4")
 

@@ -15,7 +15,7 @@ from dsv4.config import ModelConfig
 from dsv4.engine.sampling import SamplingParams
 from dsv4.engine.scheduler import Scheduler
 from dsv4.engine.sequence import Sequence
-from dsv4.model import numerics as N
+from dsv4.numerics import modes as N
 from dsv4.tiny import tiny_config
 
 INVARIANT = replace(N.MODES["fp32_nosim"], batch_invariant=True)

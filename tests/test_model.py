@@ -18,8 +18,8 @@ from dsv4.model.attention import Span, window_indices
 from dsv4.model.compressor import Compressor
 from dsv4.model.hyper import sinkhorn_split
 from dsv4.model.loading import load_model
-from dsv4.model.numerics import get_numerics
 from dsv4.model.rope import Rotary, rope_frequencies
+from dsv4.numerics.modes import get_numerics
 from dsv4.tiny import tiny_config
 
 # fp32 noise between two call shapes of the same math (different GEMM shapes, online-softmax blocking):

@@ -16,9 +16,9 @@ from dsv4.cache.pool import KVPool, PagedSequence, PoolExhausted
 from dsv4.checkpoint import load_checkpoint
 from dsv4.config import KV_FP8_BLOCK, LayerKind, ModelConfig
 from dsv4.model.attention import Span
-from dsv4.model.numerics import MODES, get_numerics
-from dsv4.model.quant import fp4_simulate, fp8_simulate
 from dsv4.model.transformer import Transformer
+from dsv4.numerics.formats import fp4_simulate, fp8_simulate
+from dsv4.numerics.modes import MODES, get_numerics
 
 DATA = Path(__file__).parent / "data" / "reference"
 CKPT = DATA / "ckpt"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from dsv4.model import quant as Q
+from dsv4.numerics import formats as Q
 
 KERNELS = Path(__file__).parent / "data" / "reference" / "kernels.safetensors"
 

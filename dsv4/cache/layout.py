@@ -7,7 +7,7 @@ layer (ratio 4) adds one compressed attention entry and one indexer key per 4 to
 ``window_size`` KV rows in every layer, and the frontier of each compressor (the projections of tokens
 whose pooling window is not yet complete).
 
-Every function takes a *mode*: one of the numerics modes of :mod:`dsv4.model.numerics` (what dsv4 really
+Every function takes a *mode*: one of the numerics modes of :mod:`dsv4.numerics.modes` (what dsv4 really
 stores when running in that mode), or one of two accounting assumptions used only to reproduce published
 figures:
 
@@ -33,7 +33,7 @@ from fractions import Fraction
 import torch
 
 from dsv4.config import FP4_BLOCK, KV_FP8_BLOCK, VALID_RATIOS, LayerKind, LayerSpec, ModelConfig
-from dsv4.model.numerics import MODES, get_numerics
+from dsv4.numerics.modes import MODES, get_numerics
 
 PAPER = "paper"
 OFFICIAL_CODE = "official_code"

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from dsv4.cache import layout
 from dsv4.config import FP4_BLOCK, KV_FP8_BLOCK, LayerKind, LayerSpec, ModelConfig
-from dsv4.model.numerics import get_numerics
-from dsv4.model.quant import FP4_VALUES, e8m0_to_float, pack_fp4_entries, pack_fp8_entries, unpack_fp8_entries
+from dsv4.numerics.formats import FP4_VALUES, e8m0_to_float, pack_fp4_entries, pack_fp8_entries, unpack_fp8_entries
+from dsv4.numerics.modes import get_numerics
 
 # Frontier.role in layout -> the compressor's name in the cache protocol
 _NAMES = {"attention": "kv", "indexer": "index"}

@@ -33,7 +33,8 @@ from dsv4.checkpoint import open_checkpoint_config
 from dsv4.model.attention import Span
 from dsv4.model.hyper import sinkhorn_split
 from dsv4.model.loading import load_model
-from dsv4.model.quant import (
+from dsv4.model.sparse_attention import sparse_attention
+from dsv4.numerics.formats import (
     act_quant,
     dequant_fp4_weight,
     dequant_fp8_weight,
@@ -42,7 +43,6 @@ from dsv4.model.quant import (
     hadamard,
     quantized_linear,
 )
-from dsv4.model.sparse_attention import sparse_attention
 
 
 @dataclass

@@ -36,8 +36,8 @@ from dsv4.engine.scheduler import Scheduler, SchedulerOutput
 from dsv4.engine.sequence import Sequence
 from dsv4.model.linear import Linear
 from dsv4.model.loading import default_numerics
-from dsv4.model.numerics import Numerics, check_batch_invariance, get_numerics
 from dsv4.model.transformer import Transformer
+from dsv4.numerics.modes import Numerics, check_batch_invariance, get_numerics
 from dsv4.tiny import TINY_RANDOM, tiny_random_checkpoint
 
 Prompt = str | Seq[int]
@@ -169,7 +169,7 @@ class LLM:
     ``num_blocks`` blocks of ``block_tokens`` tokens, or as many as fit in ``kv_cache_bytes`` next to the
     ``max_num_seqs`` fixed-size state slots. ``seed`` drives the requests that have no seed of their own.
     ``batch_invariant`` makes each sequence's logits bit-identical whatever it is batched with (padded small
-    GEMMs, whole attention blocks, prompt chunks at fixed boundaries); see ``dsv4.model.numerics``.
+    GEMMs, whole attention blocks, prompt chunks at fixed boundaries); see ``dsv4.numerics.modes``.
 
     ``prefix_cache`` keeps checkpoints of what requests computed (``dsv4.cache.prefix``), in up to
     ``checkpoint_slots`` state slots of the pool beyond the ``max_num_seqs`` running ones, taken every

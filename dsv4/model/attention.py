@@ -21,11 +21,11 @@ from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
 from dsv4.model.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from dsv4.model.norm import RMSNorm, head_rms_normalize
-from dsv4.model.numerics import Numerics
 from dsv4.model.parallel import SINGLE, ParallelContext
-from dsv4.model.quant import fp8_simulate
 from dsv4.model.rope import Rotary
 from dsv4.model.sparse_attention import BLOCK, keys_with_zero_row, sparse_attention_on_keys
+from dsv4.numerics.formats import fp8_simulate
+from dsv4.numerics.modes import Numerics
 
 
 @dataclass

@@ -20,9 +20,9 @@ from dsv4.cache.view import DecodeGroup, LayerCache
 from dsv4.config import KV_FP8_BLOCK, ModelConfig
 from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm
-from dsv4.model.numerics import Numerics
-from dsv4.model.quant import fp4_simulate, fp8_simulate, hadamard
 from dsv4.model.rope import Rotary
+from dsv4.numerics.formats import fp4_simulate, fp8_simulate, hadamard
+from dsv4.numerics.modes import Numerics
 
 
 class Compressor(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.model.numerics import PLAIN, Numerics
+from dsv4.numerics.modes import PLAIN, Numerics
 
 
 def sinkhorn_split(

@@ -16,10 +16,10 @@ from dsv4.cache.view import DecodeGroup, LayerCache
 from dsv4.config import ModelConfig
 from dsv4.model.compressor import Compressor
 from dsv4.model.linear import ColumnParallelLinear
-from dsv4.model.numerics import Numerics
 from dsv4.model.parallel import SINGLE, ParallelContext
-from dsv4.model.quant import fp4_simulate, hadamard
 from dsv4.model.rope import Rotary
+from dsv4.numerics.formats import fp4_simulate, hadamard
+from dsv4.numerics.modes import Numerics
 
 SCORE_CHUNK_ELEMENTS = 1 << 25  # query chunk x heads x entries per chunk of the score matrix (~64 MB in bf16)
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from dsv4.config import FP4_BLOCK, QUANT_BLOCK
-from dsv4.model.numerics import Numerics
 from dsv4.model.parallel import SINGLE, ParallelContext
-from dsv4.model.quant import dequant_fp4_weight, dequant_fp8_weight, quantized_linear
+from dsv4.numerics.formats import dequant_fp4_weight, dequant_fp8_weight, quantized_linear
+from dsv4.numerics.modes import Numerics
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from dsv4.checkpoint import load_checkpoint
 from dsv4.config import ModelConfig
-from dsv4.model.numerics import DEFAULT_MODE, Numerics, get_numerics
 from dsv4.model.transformer import Transformer
+from dsv4.numerics.modes import DEFAULT_MODE, Numerics, get_numerics
 
 
 def default_numerics(config: ModelConfig) -> str:

@@ -10,8 +10,8 @@ from torch import nn
 
 from dsv4.config import LayerSpec, ModelConfig
 from dsv4.model.linear import Linear
-from dsv4.model.numerics import Numerics
 from dsv4.model.parallel import SINGLE, ParallelContext
+from dsv4.numerics.modes import Numerics
 
 
 class Gate(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.model.numerics import PLAIN, Numerics
+from dsv4.numerics.modes import PLAIN, Numerics
 
 
 class RMSNorm(nn.Module):

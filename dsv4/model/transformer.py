@@ -19,8 +19,8 @@ from dsv4.model.hyper import hc_head, hc_post, hc_pre
 from dsv4.model.linear import Linear
 from dsv4.model.moe import MoE
 from dsv4.model.norm import RMSNorm
-from dsv4.model.numerics import Numerics, get_numerics
 from dsv4.model.parallel import SINGLE, ParallelContext
+from dsv4.numerics.modes import Numerics, get_numerics
 
 
 def _fp32(*shape: int) -> nn.Parameter:
