@@ -21,7 +21,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+
 from dsv4.cache import layout
+from dsv4.checkpoint import expected_tensors
 from dsv4.config import LayerKind, ModelConfig, load_config
 from dsv4.engine.llm import DEFAULT_CHUNK_SIZE
 
@@ -224,6 +227,60 @@ def count_params(config: ModelConfig) -> ParamCount:
     head = config.vocab_size * d + d + config.hc_mult * config.hc_mult * d + config.hc_mult + 1
     activated = dense + head + config.n_layers * config.n_activated_experts * expert
     return ParamCount(total=dense + routed + embedding + head, activated=activated)
+
+
+def _weight_kind(name: str, dtype: torch.dtype, dtypes: dict[str, torch.dtype]) -> str:
+    """A tensor's storage kind; a ``.scale`` counts with the weight it scales (FP8 or FP4)."""
+    if name.endswith(".scale"):
+        dtype = dtypes[name.removesuffix(".scale") + ".weight"]
+    return {
+        torch.float8_e4m3fn: "fp8",
+        torch.int8: "fp4",  # two e2m1 values per byte
+        torch.bfloat16: "bf16",
+        torch.float32: "fp32",
+        torch.int64: "int64",
+    }[dtype]
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """What a checkpoint of a config holds and what a decode step reads of it, from the tensor list alone,
+    so that a user can size a machine before downloading 160 GB."""
+
+    by_kind: dict[str, int]  # fp8 / fp4 / bf16 / fp32 / int64 -> bytes, scales included
+    mtp: int  # of which the MTP block (read only when speculating)
+    activated_per_token: int  # read by one decoded token of the main model: all but unrouted experts
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+
+_ROUTED_EXPERT = re.compile(r"\.ffn\.experts\.\d+\.")
+
+
+def weight_bytes(config: ModelConfig) -> WeightBytes:
+    """Bytes by storage kind of ``expected_tensors(config)``, and the bytes one decoded token reads: every
+    tensor of the main model except the embedding table and hash-routing table (one row each) and the
+    routed experts, of which each MoE layer reads its top-k."""
+    tensors = expected_tensors(config)
+    dtypes = {name: dtype for name, (_, dtype) in tensors.items()}
+    by_kind: dict[str, int] = {}
+    mtp = activated = routed = 0
+    for name, (shape, dtype) in tensors.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        kind = _weight_kind(name, dtype, dtypes)
+        by_kind[kind] = by_kind.get(kind, 0) + nbytes
+        if name.startswith("mtp."):
+            mtp += nbytes
+        elif name in ("embed.weight",) or name.endswith("gate.tid2eid"):
+            activated += nbytes // shape[0]
+        elif _ROUTED_EXPERT.search(name):
+            routed += nbytes
+        else:
+            activated += nbytes
+    activated += routed * config.n_activated_experts // config.n_routed_experts
+    return WeightBytes(by_kind=by_kind, mtp=mtp, activated_per_token=activated)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ layout gives the hand-computed byte counts that the engine's pool will allocate.
 from __future__ import annotations
 
 import json
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -301,3 +302,40 @@ def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_bad_model(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["costs", "--model", str(tmp_path / "missing")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_weight_bytes_are_what_a_checkpoint_holds(tiny_checkpoint: Path) -> None:
+    """``dsv4 info``'s weight figures, against the tensors a written checkpoint really holds (safetensors
+    headers), and the bytes a decoded token reads against a recount by hand."""
+    from dsv4.checkpoint import checkpoint_tensors
+    from dsv4.costs import weight_bytes
+
+    config = ModelConfig.from_file(tiny_checkpoint)
+    itemsize = {"F8_E4M3": 1, "F8_E8M0": 1, "I8": 1, "BF16": 2, "F32": 4, "I64": 8}
+    held = {
+        name: math.prod(shape) * itemsize[dtype] for name, (shape, dtype) in checkpoint_tensors(tiny_checkpoint).items()
+    }
+    weights = weight_bytes(config)
+    assert weights.total == sum(held.values())
+    assert weights.mtp == sum(n for name, n in held.items() if name.startswith("mtp."))
+    fp4 = sum(n for name, n in held.items() if ".experts." in name)
+    assert weights.by_kind["fp4"] == fp4  # the tiny config's routed experts are FP4, like V4's
+    main = {name: n for name, n in held.items() if not name.startswith("mtp.")}
+    routed = sum(n for name, n in main.items() if ".experts." in name)
+    one_row = main["embed.weight"] // config.vocab_size
+    hash_rows = sum(n // config.vocab_size for name, n in main.items() if name.endswith("tid2eid"))
+    hash_tables = sum(n for name, n in main.items() if name.endswith("tid2eid"))
+    expected = sum(main.values()) - routed - main["embed.weight"] - hash_tables + one_row + hash_rows
+    expected += routed * config.n_activated_experts // config.n_routed_experts
+    assert weights.activated_per_token == expected
+
+
+def test_info_prints_weight_bytes(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from dsv4.commands.info import run
+
+    assert run(argparse.Namespace(model="v4-flash")) == 0
+    out = capsys.readouterr().out
+    assert "weights: 159.61 GB (FP4 150.59, FP8 6.02" in out  # the 160 GB the V4-Flash repository holds
+    assert "read per decoded token: 11.22 GB" in out

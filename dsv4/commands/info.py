@@ -1,4 +1,5 @@
-"""``dsv4 info MODEL``: the layer schedule and the sizes that follow from a config (preset or directory)."""
+"""``dsv4 info MODEL``: the layer schedule and the sizes that follow from a config (preset or directory):
+weights by storage kind, the bytes a decoded token reads, and the cache per token."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import argparse
 
 from dsv4.cache.layout import bytes_per_token, state_bytes_per_sequence
 from dsv4.config import load_config
+from dsv4.costs import weight_bytes
+
+GB = 10**9
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,6 +22,16 @@ def run(args: argparse.Namespace) -> int:
         f"vocab {config.vocab_size}"
     )
     print(config.describe())
+    weights = weight_bytes(config)
+    kinds = ", ".join(
+        f"{kind.upper()} {n / GB:,.2f}" for kind, n in sorted(weights.by_kind.items(), key=lambda kv: -kv[1])
+    )
+    print(f"weights: {weights.total / GB:,.2f} GB ({kinds}; scales counted with their weights)")
+    print(f"  of which the MTP block: {weights.mtp / GB:,.2f} GB")
+    print(
+        f"  read per decoded token: {weights.activated_per_token / GB:,.2f} GB (all but the unrouted experts), "
+        f"at most {100 * GB / weights.activated_per_token:,.1f} tokens/s per 100 GB/s of memory bandwidth"
+    )
     for mode in ("bf16_official", "fp32_nosim"):
         per_token = float(bytes_per_token(config, mode).total)
         state = state_bytes_per_sequence(config, mode).total
