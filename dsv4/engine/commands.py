@@ -18,7 +18,7 @@ def _generate(args: argparse.Namespace) -> int:
         from dsv4.chat.encoding import encode_messages
 
         prompt = encode_messages([{"role": "user", "content": prompt}], thinking_mode="chat")
-    llm = LLM(args.model, args.numerics, max_num_seqs=1, progress=not args.quiet)
+    llm = LLM(args.model, args.numerics, max_num_seqs=1, progress=not args.quiet, device=args.device)
     if llm.model is not None and llm.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer.json: dsv4 generate needs one to encode the prompt")
     finish = None
@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="make the sampling reproducible")
     p.add_argument("--numerics", default=None, help="bf16_official, fp32_sim or fp32_nosim")
+    p.add_argument("--device", default="cpu", help="where the model, its cache and sampling run: cpu, cuda, cuda:N")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user message of a chat")
     p.add_argument("--quiet", action="store_true", help="no progress bars or finish line on stderr")
     p.set_defaults(func=_generate)

@@ -36,7 +36,7 @@ from dsv4.engine.scheduler import Scheduler, SchedulerOutput
 from dsv4.engine.sequence import Sequence
 from dsv4.model.linear import Linear
 from dsv4.model.loading import default_numerics
-from dsv4.model.transformer import Transformer
+from dsv4.model.transformer import Transformer, device_scope
 from dsv4.numerics.modes import Numerics, check_batch_invariance, get_numerics
 from dsv4.tiny import TINY_RANDOM, tiny_random_checkpoint
 
@@ -131,6 +131,22 @@ def _eos_ids(path: Path, config: ModelConfig, tokenizer: ChatTokenizer | None) -
     return sorted(ids)
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The device the model, its cache and its sampler live on; a clear error for one this machine lacks."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine has no CUDA device (torch {torch.__version__})")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device {device!r}: dsv4 runs on cpu or cuda")
+    return resolved
+
+
 def session_fingerprint(
     path: Path, config: ModelConfig, numerics: Numerics, block_tokens: int, chunk_size: int
 ) -> dict[str, Any]:
@@ -175,6 +191,7 @@ class LLM:
     ``checkpoint_slots`` state slots of the pool beyond the ``max_num_seqs`` running ones, taken every
     ``checkpoint_interval`` tokens inside long prompts (default: ``layout.checkpoint_interval``); with
     ``session_dir`` they are also written to disk, ``session_disk_bytes`` at most, and survive a restart.
+    ``device``: where the weights, the cache and the sampler live (cpu, cuda, cuda:N).
     """
 
     def __init__(
@@ -197,8 +214,10 @@ class LLM:
         checkpoint_interval: int | None = None,
         session_dir: str | Path | None = None,
         session_disk_bytes: int = DEFAULT_SESSION_DISK_BYTES,
+        device: str | torch.device = "cpu",
     ):
         self.progress = progress
+        self.device = resolve_device(device)
         self.model: Transformer | None = None
         self.tokenizer: ChatTokenizer | None = None
         if model == TINY_RANDOM:
@@ -233,7 +252,8 @@ class LLM:
         if num_blocks is None:
             num_blocks = self._blocks_for(kv_cache_bytes, max_num_seqs, slots, block_tokens)
         numerics = replace(get_numerics(self.numerics), batch_invariant=batch_invariant)
-        self.model = Transformer(self.config, numerics)
+        with device_scope(self.device):  # the weights are allocated where they will live, then filled
+            self.model = Transformer(self.config, numerics)
         load_checkpoint(self.model.state_dict(), path, progress=progress)
         self.model.weights_loaded()
         if batch_invariant:
@@ -243,7 +263,8 @@ class LLM:
         if (path / TOKENIZER_FILE).is_file():
             self.tokenizer = load_tokenizer(path)
         self.eos_token_ids = _eos_ids(path, self.config, self.tokenizer)
-        self.pool = KVPool(self.config, self.numerics, num_blocks, block_tokens, max_sequences=slots)
+        with device_scope(self.device):
+            self.pool = KVPool(self.config, self.numerics, num_blocks, block_tokens, max_sequences=slots)
         self.chunk_size = chunk_size
         self.prefix_cache: PrefixCache | None = None
         if prefix_cache:
@@ -267,7 +288,7 @@ class LLM:
             prefix_cache=self.prefix_cache,
             checkpoint_interval=self.checkpoint_interval,
         )
-        self.runner = ModelRunner(self.model, Sampler(torch.Generator().manual_seed(seed)))
+        self.runner = ModelRunner(self.model, Sampler(torch.Generator(self.device).manual_seed(seed)))
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
@@ -365,7 +386,8 @@ class LLM:
 
     def _step(self) -> tuple[list[RequestOutput], SchedulerOutput]:
         _, scheduler = self._engine()
-        scheduled = scheduler.schedule()
+        with device_scope(self.device):  # the pool's block tables and copies, made by the scheduler
+            scheduled = scheduler.schedule()
         try:
             results = self.runner.run(scheduled.chunks)
         except Exception as error:
@@ -376,7 +398,8 @@ class LLM:
             raise StepFailed([seq.request_id for seq in failed], error) from error
         for r in results:
             r.chunk.seq.append(r.token, r.logits)
-        finished = scheduler.update(scheduled.chunks) + scheduled.finished
+        with device_scope(self.device):
+            finished = scheduler.update(scheduled.chunks) + scheduled.finished
         changed = list({id(s): s for s in [*(r.chunk.seq for r in results), *finished]}.values())
         for seq in finished:
             self._requests.pop(seq.request_id, None)

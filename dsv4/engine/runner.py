@@ -45,7 +45,9 @@ class ModelRunner:
                 sampling.append(chunk)
         if not spans:
             return []
-        logits = self.model(torch.tensor(ids), spans, torch.tensor(rows, dtype=torch.long)).logits
+        device = self.model.device
+        tokens, rows_t = torch.tensor(ids, device=device), torch.tensor(rows, dtype=torch.long, device=device)
+        logits = self.model(tokens, spans, rows_t).logits
         if not sampling:
             return []
         states = [c.seq.sampling for c in sampling]

@@ -43,8 +43,8 @@ class Span:
 
 
 @functools.cache
-def _full_window(window: int) -> torch.Tensor:
-    return torch.arange(window).unsqueeze(0)
+def _full_window(window: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(window, device=device).unsqueeze(0)
 
 
 def window_indices(pos0: int, s: int, window: int, n_before: int) -> torch.Tensor:
@@ -55,7 +55,7 @@ def window_indices(pos0: int, s: int, window: int, n_before: int) -> torch.Tenso
     the blocking of the attention's online softmax.
     """
     if s == 1 and pos0 >= window - 1:  # a decode step with a full window: the same list every time
-        return _full_window(window)
+        return _full_window(window, torch.get_default_device())
     width = window if pos0 > 0 else min(s, window)
     pos = torch.arange(pos0, pos0 + s)
     first = (pos - window + 1).clamp(min=0)

@@ -7,6 +7,7 @@ only the attention's cache-dependent part walks the spans.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,14 @@ from dsv4.model.moe import MoE
 from dsv4.model.norm import RMSNorm
 from dsv4.model.parallel import SINGLE, ParallelContext
 from dsv4.numerics.modes import Numerics, get_numerics
+
+
+def device_scope(device: torch.device) -> contextlib.AbstractContextManager:
+    """Where tensors made without ``device=`` (positions, index lists, masks) go: onto ``device``.
+
+    On CPU, where they go anyway, nothing is pushed: a device mode intercepts every torch call in Python,
+    which a decode step of many small ops would pay for."""
+    return contextlib.nullcontext() if device.type == "cpu" else torch.device(device)
 
 
 def _fp32(*shape: int) -> nn.Parameter:
@@ -103,6 +112,10 @@ class Transformer(nn.Module):
         )
 
     @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
     def n_cache_layers(self) -> int:
         return len(self.layers) + len(self.mtp)
 
@@ -131,13 +144,14 @@ class Transformer(nn.Module):
     ) -> ForwardOutput:
         """Run ``tokens`` [T] (the spans' tokens, concatenated) and return the logits of ``logit_rows``
         (default: the last token of every span)."""
-        positions = torch.cat([torch.arange(s.pos0, s.pos0 + s.length) for s in spans])
-        if logit_rows is None:
-            logit_rows = torch.tensor([s.start + s.length - 1 for s in spans])
-        h = self._embed(tokens).unsqueeze(1).repeat(1, self.config.hc_mult, 1)
-        for layer in self.layers:
-            h = layer(h, tokens, positions, spans)
-        logits = self._logits(h[logit_rows], self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
+        with device_scope(self.device):
+            positions = torch.cat([torch.arange(s.pos0, s.pos0 + s.length) for s in spans])
+            if logit_rows is None:
+                logit_rows = torch.tensor([s.start + s.length - 1 for s in spans])
+            h = self._embed(tokens).unsqueeze(1).repeat(1, self.config.hc_mult, 1)
+            for layer in self.layers:
+                h = layer(h, tokens, positions, spans)
+            logits = self._logits(h[logit_rows], self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
         return ForwardOutput(logits=logits, hidden=h)
 
     @torch.inference_mode()
@@ -152,10 +166,11 @@ class Transformer(nn.Module):
         """Logits of the token two ahead: ``hidden`` [T, hc, d] from ``forward`` at positions p, ``next_tokens``
         [T] the tokens at p+1 (the spans describe positions p, as for ``forward``)."""
         block = self.mtp[depth]
-        positions = torch.cat([torch.arange(s.pos0, s.pos0 + s.length) for s in spans])
-        if logit_rows is None:
-            logit_rows = torch.tensor([s.start + s.length - 1 for s in spans])
-        e = block.enorm(self._embed(next_tokens))
-        h = block.e_proj(e).unsqueeze(1) + block.h_proj(block.hnorm(hidden))
-        h = block(h, next_tokens, positions, spans)
-        return self._logits(h[logit_rows], block.hc_head_fn, block.hc_head_scale, block.hc_head_base, block.norm)
+        with device_scope(self.device):
+            positions = torch.cat([torch.arange(s.pos0, s.pos0 + s.length) for s in spans])
+            if logit_rows is None:
+                logit_rows = torch.tensor([s.start + s.length - 1 for s in spans])
+            e = block.enorm(self._embed(next_tokens))
+            h = block.e_proj(e).unsqueeze(1) + block.h_proj(block.hnorm(hidden))
+            h = block(h, next_tokens, positions, spans)
+            return self._logits(h[logit_rows], block.hc_head_fn, block.hc_head_scale, block.hc_head_base, block.norm)

@@ -119,6 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
     from dsv4.engine.llm import LLM
     from dsv4.server.app import configure_logging, create_app
     from dsv4.server.engine_client import LLMEngineClient
+    from dsv4.server.fault_injection import install_fault_injection
     from dsv4.server.serving import ServerConfig
 
     if args.max_queue < 0:
@@ -135,11 +136,13 @@ def _serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         seed=args.seed,
         batch_invariant=args.batch_invariant,
+        device=args.device,
         **cache_kwargs,
     )
     if llm.model is None:
         raise ValueError(f"{args.model} is a preset with shapes only: serve a checkpoint directory or {TINY_RANDOM}")
     check_max_model_len(args.max_model_len, args.model, llm.config.max_position_embeddings)
+    install_fault_injection(llm)  # test only, from the environment: see dsv4/server/fault_injection.py
     engine = LLMEngineClient(llm, max_queue=args.max_queue)
     names = tuple(args.served_model_name or [Path(args.model).name or args.model])
     config = ServerConfig(
@@ -183,6 +186,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="model names clients may ask for (the first is reported); default: the --model name",
     )
     p.add_argument("--numerics", default=None, help="bf16_official, fp32_sim or fp32_nosim (default: by checkpoint)")
+    p.add_argument("--device", default="cpu", help="where the model, its cache and sampling run: cpu, cuda, cuda:N")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences the engine runs at once")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait beyond those; then 429")
     p.add_argument(
