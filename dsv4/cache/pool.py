@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from dsv4.cache import layout
 from dsv4.config import FP4_BLOCK, KV_FP8_BLOCK, LayerKind, LayerSpec, ModelConfig
+from dsv4.device import device_scope
 from dsv4.numerics.formats import FP4_VALUES, e8m0_to_float, pack_fp4_entries, pack_fp8_entries, unpack_fp8_entries
 from dsv4.numerics.modes import get_numerics
 
@@ -380,17 +381,20 @@ class KVPool:
         num_blocks: int,
         block_tokens: int = layout.DEFAULT_BLOCK_TOKENS,
         max_sequences: int = 64,
+        device: str | torch.device = "cpu",
     ):
         self.config, self.mode = config, get_numerics(numerics).name
+        self.device = torch.device(device)
         self.block_tokens = layout.check_block_tokens(block_tokens)
         if num_blocks < 0 or max_sequences <= 0:
             raise ValueError(f"need num_blocks >= 0 and max_sequences > 0, got {num_blocks}, {max_sequences}")
         self.num_blocks, self.max_sequences = num_blocks, max_sequences
         dtype = get_numerics(numerics).dtype
-        self.stores = [
-            _LayerStore(config, spec, self.mode, dtype, num_blocks, block_tokens, max_sequences)
-            for spec in config.layers
-        ]
+        with device_scope(self.device):
+            self.stores = [
+                _LayerStore(config, spec, self.mode, dtype, num_blocks, block_tokens, max_sequences)
+                for spec in config.layers
+            ]
         self._refcounts = [0] * num_blocks
         self._free_blocks = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out low ids first
         self._free_slots = list(range(max_sequences - 1, -1, -1))

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 from dsv4.cache.contiguous import ContiguousCache
 from dsv4.checkpoint import open_checkpoint_config
+from dsv4.device import resolve_device
 from dsv4.model.attention import Span
 from dsv4.model.hyper import sinkhorn_split
 from dsv4.model.loading import load_model
@@ -122,16 +123,19 @@ def judge(mode: str, prompts: list[PromptResult], tolerances: dict) -> ModeResul
     return result
 
 
-def model_logits(ckpt: Path, mode: str, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+def model_logits(
+    ckpt: Path, mode: str, prompts: list[tuple[torch.Tensor, torch.Tensor]], device: str | torch.device = "cpu"
+) -> list[torch.Tensor]:
     """The reference protocol on the bare model: one-call prefill, then one decode token per call."""
-    model = load_model(ckpt, mode, progress=False)
+    model = load_model(ckpt, mode, progress=False, device=device)
     out = []
     for ids, decode in prompts:
         cache = ContiguousCache(model.n_cache_layers, model.config.window_size, model.numerics.dtype)
-        rows = [model(ids, [Span(0, len(ids), 0, cache)]).logits[0]]
+        rows = [model(ids.to(model.device), [Span(0, len(ids), 0, cache)]).logits[0]]
         for j, token in enumerate(decode.tolist()):
-            rows.append(model(torch.tensor([token]), [Span(0, 1, len(ids) + j, cache)]).logits[0])
-        out.append(torch.stack(rows))
+            step = torch.tensor([token], device=model.device)
+            rows.append(model(step, [Span(0, 1, len(ids) + j, cache)]).logits[0])
+        out.append(torch.stack(rows).cpu())
     return out
 
 
@@ -143,15 +147,16 @@ def check_mode(
     chunk: int | None = None,
     batch: bool = False,
     reuse: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> ModeResult:
     n_prompts = len(manifest["prompts"])
     prompts = [(vectors[f"prompt{i}.input_ids"], vectors[f"prompt{i}.decode_ids"]) for i in range(n_prompts)]
     if chunk is None and not batch and reuse is None:
-        logits = model_logits(vector_dir / manifest["checkpoint"]["dir"], mode, prompts)
+        logits = model_logits(vector_dir / manifest["checkpoint"]["dir"], mode, prompts, device)
     else:
         from dsv4.engine.vectors import run_vectors_through_engine
 
-        by_prompt = run_vectors_through_engine(vector_dir, mode, chunk=chunk, batch=batch, reuse=reuse)
+        by_prompt = run_vectors_through_engine(vector_dir, mode, chunk=chunk, batch=batch, reuse=reuse, device=device)
         logits = [by_prompt[i] for i in range(n_prompts)]
     results = [compare(i, logits[i], vectors[f"prompt{i}.{mode}.logits"]) for i in range(n_prompts)]
     return judge(mode, results, manifest["tolerances"])
@@ -223,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in modes if m not in manifest["modes"]]
     if unknown:
         raise ValueError(f"mode(s) {unknown} not in this vector set; it has {list(manifest['modes'])}")
+    resolve_device(args.device)
     vectors = load_file(vector_dir / manifest["vectors"]["file"])
     if args.reuse is not None or args.chunk or args.batch:
         check_engine_fits(vector_dir, manifest, vectors)
@@ -240,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         runs = [("model", {})]
     for mode, (how, options) in itertools.product(modes, runs):
-        result = check_mode(vector_dir, manifest, vectors, mode, **options)
+        result = check_mode(vector_dir, manifest, vectors, mode, **options, device=args.device)
         print(f"{mode} ({how}): {result.tier}")
         for p in result.prompts:
             decode = p.row_max[1:]
@@ -314,4 +320,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "block boundary and inside the sliding window)",
     )
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel-level vectors")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
     p.set_defaults(func=run)

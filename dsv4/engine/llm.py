@@ -29,6 +29,7 @@ from dsv4.cache.prefix import PrefixCache, PrefixCacheStats
 from dsv4.chat.tokenizer import TOKENIZER_FILE, ChatTokenizer, load_tokenizer
 from dsv4.checkpoint import load_checkpoint, open_checkpoint_config
 from dsv4.config import PRESETS_DIR, ModelConfig
+from dsv4.device import device_scope, resolve_device
 from dsv4.engine.runner import ModelRunner
 from dsv4.engine.sampler import SampledToken, Sampler
 from dsv4.engine.sampling import SamplingParams
@@ -36,7 +37,7 @@ from dsv4.engine.scheduler import Scheduler, SchedulerOutput
 from dsv4.engine.sequence import Sequence
 from dsv4.model.linear import Linear
 from dsv4.model.loading import default_numerics
-from dsv4.model.transformer import Transformer, device_scope
+from dsv4.model.transformer import Transformer
 from dsv4.numerics.modes import Numerics, check_batch_invariance, get_numerics
 from dsv4.tiny import TINY_RANDOM, tiny_random_checkpoint
 
@@ -129,22 +130,6 @@ def _eos_ids(path: Path, config: ModelConfig, tokenizer: ChatTokenizer | None) -
     if tokenizer is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """The device the model, its cache and its sampler live on; a clear error for one this machine lacks."""
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: this machine has no CUDA device (torch {torch.__version__})")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif resolved.type != "cpu":
-        raise ValueError(f"device {device!r}: dsv4 runs on cpu or cuda")
-    return resolved
 
 
 def session_fingerprint(
@@ -263,8 +248,9 @@ class LLM:
         if (path / TOKENIZER_FILE).is_file():
             self.tokenizer = load_tokenizer(path)
         self.eos_token_ids = _eos_ids(path, self.config, self.tokenizer)
-        with device_scope(self.device):
-            self.pool = KVPool(self.config, self.numerics, num_blocks, block_tokens, max_sequences=slots)
+        self.pool = KVPool(
+            self.config, self.numerics, num_blocks, block_tokens, max_sequences=slots, device=self.device
+        )
         self.chunk_size = chunk_size
         self.prefix_cache: PrefixCache | None = None
         if prefix_cache:

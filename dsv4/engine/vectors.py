@@ -29,7 +29,12 @@ def reuse_positions(prompt_lengths: list[int], window_size: int) -> list[int]:
 
 
 def run_vectors_through_engine(
-    vector_dir: str | Path, mode: str, chunk: int | None = None, batch: bool = False, reuse: int | None = None
+    vector_dir: str | Path,
+    mode: str,
+    chunk: int | None = None,
+    batch: bool = False,
+    reuse: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[int, torch.Tensor]:
     """Logits [1 + decode tokens, vocab] per prompt index: row 0 at the last prompt position, row j after
     the teacher-forced decode token j-1.
@@ -60,6 +65,7 @@ def run_vectors_through_engine(
         chunk_size=chunk_size,
         max_num_batched_tokens=n * chunk_size,
         progress=False,
+        device=device,
     )
     cut = [min(reuse, len(p) - 1) for p in prompts] if reuse is not None else []
     if reuse is not None:
@@ -77,7 +83,7 @@ def run_vectors_through_engine(
         for out in llm.step():
             if out.finished:
                 assert out.logits is not None
-                outputs[out.request_id] = out.logits
+                outputs[out.request_id] = out.logits.cpu()
                 i = ids.index(out.request_id)
                 if reuse is not None and out.num_cached_tokens != cut[i]:
                     raise RuntimeError(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from dsv4.checkpoint import load_checkpoint
 from dsv4.config import ModelConfig
+from dsv4.device import device_scope, resolve_device
 from dsv4.model.transformer import Transformer
 from dsv4.numerics.modes import DEFAULT_MODE, Numerics, get_numerics
 
@@ -15,9 +18,15 @@ def default_numerics(config: ModelConfig) -> str:
     return DEFAULT_MODE if config.weight_dtype == "fp8" else "fp32_nosim"
 
 
-def load_model(path: str | Path, numerics: str | Numerics | None = None, progress: bool = True) -> Transformer:
+def load_model(
+    path: str | Path,
+    numerics: str | Numerics | None = None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> Transformer:
     config = ModelConfig.from_file(path)
-    model = Transformer(config, get_numerics(numerics or default_numerics(config)))
+    with device_scope(resolve_device(device)):  # allocated where they will live, then filled
+        model = Transformer(config, get_numerics(numerics or default_numerics(config)))
     load_checkpoint(model.state_dict(), path, progress=progress)
     model.weights_loaded()
     return model

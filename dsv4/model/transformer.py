@@ -7,7 +7,6 @@ only the attention's cache-dependent part walks the spans.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import LayerSpec, ModelConfig
+from dsv4.device import device_scope
 from dsv4.model.attention import Attention, Span
 from dsv4.model.hyper import hc_head, hc_post, hc_pre
 from dsv4.model.linear import Linear
@@ -22,14 +22,6 @@ from dsv4.model.moe import MoE
 from dsv4.model.norm import RMSNorm
 from dsv4.model.parallel import SINGLE, ParallelContext
 from dsv4.numerics.modes import Numerics, get_numerics
-
-
-def device_scope(device: torch.device) -> contextlib.AbstractContextManager:
-    """Where tensors made without ``device=`` (positions, index lists, masks) go: onto ``device``.
-
-    On CPU, where they go anyway, nothing is pushed: a device mode intercepts every torch call in Python,
-    which a decode step of many small ops would pay for."""
-    return contextlib.nullcontext() if device.type == "cpu" else torch.device(device)
 
 
 def _fp32(*shape: int) -> nn.Parameter:
