@@ -44,7 +44,6 @@ def models(config: ModelConfig) -> Models:
         def __missing__(self, mode: str) -> Transformer:
             model = Transformer(config, mode)
             load_checkpoint(model.state_dict(), CKPT, progress=False)
-            model.weights_loaded()
             self[mode] = model
             return model
 

@@ -142,7 +142,6 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
     model = Transformer(config, "fp32_nosim")
     load_checkpoint(model.state_dict(), path, progress=False)
-    model.weights_loaded()
     hf = _load_hf(path)
     kinds = [_HF_KIND[r] for r in config.compress_ratios[: config.n_layers]]
     assert list(hf.config.layer_types) == kinds  # §14.2 item 10: transformers builds the layers we wrote

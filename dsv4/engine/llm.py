@@ -30,6 +30,7 @@ from dsv4.chat.tokenizer import TOKENIZER_FILE, ChatTokenizer, load_tokenizer
 from dsv4.checkpoint import load_checkpoint, open_checkpoint_config
 from dsv4.config import PRESETS_DIR, ModelConfig
 from dsv4.device import device_scope, resolve_device
+from dsv4.engine.constraint import compiler_for
 from dsv4.engine.runner import ModelRunner
 from dsv4.engine.sampler import SampledToken, Sampler
 from dsv4.engine.sampling import SamplingParams
@@ -84,6 +85,7 @@ class RequestOutput:
     metrics: RequestMetrics
     logits: torch.Tensor | None = None  # [len(token_ids), vocab], with capture_logits
     num_cached_tokens: int = 0  # prompt tokens restored from the prefix cache instead of computed
+    num_fast_forward_tokens: int = 0  # output tokens its grammar forced, appended without a step of their own
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -116,6 +118,7 @@ def _output(seq: Sequence) -> RequestOutput:
         metrics=RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_preemptions),
         logits=torch.stack(seq.logits) if seq.logits else None,
         num_cached_tokens=seq.num_cached_tokens,
+        num_fast_forward_tokens=seq.num_fast_forward,
     )
 
 
@@ -240,7 +243,6 @@ class LLM:
         with device_scope(self.device):  # the weights are allocated where they will live, then filled
             self.model = Transformer(self.config, numerics)
         load_checkpoint(self.model.state_dict(), path, progress=progress)
-        self.model.weights_loaded()
         if batch_invariant:
             check_batch_invariance(
                 (m.in_features, m.out_features) for m in self.model.modules() if isinstance(m, Linear)
@@ -341,6 +343,11 @@ class LLM:
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         detokenizer = self.tokenizer.incremental_detokenizer() if self.tokenizer is not None else None
+        constraint = None
+        if params.grammar is not None:
+            if self.tokenizer is None or forced_token_ids is not None:
+                raise ValueError("a grammar needs the model's tokenizer, and cannot be combined with forced tokens")
+            constraint = compiler_for(self.tokenizer, self.config.vocab_size).constraint(params.grammar)
         seq = Sequence(
             request_id,
             ids,
@@ -351,6 +358,7 @@ class LLM:
             prompt=text,
             forced_ids=forced_token_ids,
             capture_logits=capture_logits,
+            constraint=constraint,
         )
         scheduler.add(seq)
         self._requests[request_id] = seq

@@ -144,10 +144,12 @@ class Attention(nn.Module):
         o = sparse_attention_on_keys(q, keys, indices, self.attn_sink, self.softmax_scale)
 
         o = self.rotary.rotate(o, cis, inverse=True)
-        o = o.view(len(x), self.n_groups, -1)
-        wo_a = self.wo_a.dense(x.dtype).view(self.n_groups, self.o_lora_rank, -1)
-        o = torch.einsum("bsgd,grd->bsgr", self.numerics.pad_rows(o)[None], wo_a)[0, : len(x)]
-        return self.wo_b(o.flatten(1))
+        # Grouped low-rank output: group g's heads through wo_a's rows of group g, without activation
+        # quantisation, accumulated in fp32 on the compact weight.
+        o = o.view(len(x), self.n_groups, -1).float()
+        r = self.o_lora_rank
+        groups = [self.wo_a.fp32(o[:, g].contiguous(), rows=slice(g * r, (g + 1) * r)) for g in range(self.n_groups)]
+        return self.wo_b(torch.cat(groups, dim=1).to(x.dtype))
 
     def _gather_decode(
         self,

@@ -47,7 +47,7 @@ class Compressor(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (kv, gate logits) of every token, computed for a whole batch at once (ape not added yet)."""
         xf = x.float()
-        return self.numerics.linear(xf, self.wkv.dense()), self.numerics.linear(xf, self.wgate.dense())
+        return self.wkv.fp32(xf), self.wgate.fp32(xf)
 
     def forward(self, x: torch.Tensor, pos0: int, cache: LayerCache, name: str) -> torch.Tensor | None:
         """Feed the tokens at positions [pos0, pos0 + len(x)); append and return the entries they complete."""

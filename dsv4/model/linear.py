@@ -1,9 +1,9 @@
 """Linear layers whose state is the checkpoint's own format: FP8 e4m3 + 128x128 e8m0 block scales, FP4 e2m1
 packed two per byte + 1x32 e8m0 scales (routed experts), or plain bf16.
 
-On CPU the weights are dequantised exactly once (FP8/FP4 values times power-of-two scales are exact in fp32)
-and the official activation quantisation is simulated before the matmul; the reference measured that this
-equals its per-block FP8 kernels bit for bit in bf16 and to 4e-6 in fp32.
+The weights are never expanded: FP8/FP4 GEMMs run on the compact tensors (``dsv4.numerics.gemm``, the
+official kernels' per-K-block order), so a real checkpoint takes its own bytes in memory. The official
+activation quantisation is simulated before them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from torch import nn
 
 from dsv4.config import FP4_BLOCK, QUANT_BLOCK
 from dsv4.model.parallel import SINGLE, ParallelContext
-from dsv4.numerics.formats import dequant_fp4_weight, dequant_fp8_weight, quantized_linear
+from dsv4.numerics import gemm
+from dsv4.numerics.formats import act_quant
 from dsv4.numerics.modes import Numerics
 
 
@@ -39,34 +40,51 @@ class Linear(nn.Module):
             self.weight = _frozen(torch.empty(out_features, in_features, dtype=dtype))
         else:
             raise ValueError(f"unknown weight format {fmt!r}")
-        self._dense: dict[torch.dtype, torch.Tensor] = {}
 
     @property
     def quantized(self) -> bool:
         return self.fmt in ("fp8", "fp4")
 
-    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as a dense [out, in] tensor of ``dtype`` (exact for fp32; cached until reload)."""
-        if dtype not in self._dense:
-            if self.fmt == "fp8":
-                w = dequant_fp8_weight(self.weight, self.scale)
-            elif self.fmt == "fp4":
-                w = dequant_fp4_weight(self.weight, self.scale)
-            else:
-                w = self.weight
-            self._dense[dtype] = w.to(dtype).contiguous()
-        return self._dense[dtype]
-
-    def drop_cache(self) -> None:
-        self._dense.clear()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:  # [..., K]: the GEMMs take rows
+            return self(x.reshape(-1, x.shape[-1])).unflatten(0, x.shape[:-1])
         if self.quantized:
             # FP8/FP4 GEMM: activations quantised to FP8 in blocks of 128 (simulated), fp32 accumulation,
             # output in the activation dtype.
-            return quantized_linear(x, self.dense(), self.numerics.simulate, self.numerics.linear)
-        # bf16 weights run as a plain matmul in the activation dtype (bf16 when serving, fp32 otherwise).
-        return self.numerics.linear(x, self.dense(x.dtype))
+            if self.numerics.simulate:
+                q, s = act_quant(x, QUANT_BLOCK)
+                return self.fp32(q.float(), s).to(x.dtype)
+            return self.fp32(x.float()).to(x.dtype)
+        if x.dtype == torch.float32:
+            return self.fp32(x)
+        # bf16 weights on bf16 activations: a plain bf16 matmul (fp32 accumulation), as served.
+        return self.numerics.linear(x, self.weight)
+
+    def fp32(self, x: torch.Tensor, x_scale: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """fp32 x [M, K] (FP8 values with their per-128 scales, or raw with ``x_scale=None``) through the
+        weight's ``rows`` (default all; FP8 row slices must start on a 128-row block) -> fp32 [M, rows].
+
+        What the official code computes in fp32 (head, compressors, grouped output projection) and the FP8/FP4
+        GEMMs' accumulation, on the compact weight. Batch-invariant numerics pad the rows as for any GEMM."""
+        m = len(x)
+        if self.numerics.batch_invariant:
+            x = self.numerics.pad_rows(x)
+            x_scale = None if x_scale is None else torch.cat([x_scale, x_scale.new_ones(len(x) - m, x_scale.shape[1])])
+        return self._fp32(x, x_scale, rows)[:m]
+
+    def _fp32(self, x: torch.Tensor, x_scale: torch.Tensor | None, rows: slice) -> torch.Tensor:
+        weight = self.weight[rows]
+        if self.fmt == "fp8":
+            start = rows.start or 0
+            if start % QUANT_BLOCK:
+                raise ValueError(f"FP8 weight rows must start on a {QUANT_BLOCK}-row block, got {start}")
+            blocks = slice(start // QUANT_BLOCK, start // QUANT_BLOCK + -(-len(weight) // QUANT_BLOCK))
+            return gemm.fp8_linear(x, x_scale, weight, self.scale[blocks])
+        if self.fmt == "fp4":
+            return gemm.fp4_linear(x, x_scale, weight, self.scale[rows])
+        if self.fmt == "bf16":
+            return gemm.bf16_linear(x, weight)
+        return self.numerics.linear(x, weight)
 
 
 class ColumnParallelLinear(Linear):

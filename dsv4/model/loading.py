@@ -28,5 +28,4 @@ def load_model(
     with device_scope(resolve_device(device)):  # allocated where they will live, then filled
         model = Transformer(config, get_numerics(numerics or default_numerics(config)))
     load_checkpoint(model.state_dict(), path, progress=progress)
-    model.weights_loaded()
     return model

@@ -11,6 +11,7 @@ from torch import nn
 from dsv4.config import LayerSpec, ModelConfig
 from dsv4.model.linear import Linear
 from dsv4.model.parallel import SINGLE, ParallelContext
+from dsv4.numerics import gemm
 from dsv4.numerics.modes import Numerics
 
 
@@ -34,7 +35,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, d] -> (routing weights [n, k] fp32, expert ids [n, k])."""
-        scores = self.numerics.pointwise(F.softplus, self.numerics.linear(x.float(), self.weight.float())).sqrt()
+        logits = gemm.bf16_linear(self.numerics.pad_rows(x.float()), self.weight)[: len(x)]
+        scores = self.numerics.pointwise(F.softplus, logits).sqrt()
         if self.hash_routed:
             experts = self.tid2eid[token_ids]
         else:

@@ -111,12 +111,6 @@ class Transformer(nn.Module):
     def n_cache_layers(self) -> int:
         return len(self.layers) + len(self.mtp)
 
-    def weights_loaded(self) -> None:
-        """Forget every derived (dequantised) weight; call after the state tensors change."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.drop_cache()
-
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.embedding(tokens, self.embed.weight).to(self.numerics.dtype)
 
@@ -125,7 +119,7 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         c = self.config
         y = norm(hc_head(h, fn, scale, base, c.hc_eps, c.norm_eps, self.numerics))
-        return self.numerics.linear(y.float(), self.head.dense(torch.float32))
+        return self.head.fp32(y.float())
 
     @torch.inference_mode()
     def forward(
