@@ -68,6 +68,11 @@ class ChatPrompt:
     tool_choice: str
     forced_tool: str | None
     tool_names: tuple[str, ...]
+    # What the reply is constrained by (dsv4.chat.grammar): the request's tools, even when tool_choice
+    # "none" keeps them out of the prompt, its response_format, and whether a block may hold several calls.
+    tools: tuple[dict[str, Any], ...] = ()
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
     def render(self, *, sampled_tool_calls: Mapping[str, SampledInvoke] | None = None) -> str:
         return encode_messages(
@@ -304,6 +309,9 @@ def from_openai_request(body: Mapping[str, Any], *, default_thinking: bool = Tru
             system["tools"] = tools
         if response_format:
             system["response_format"] = response_format
+    parallel_tool_calls = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel_tool_calls, bool):
+        raise RequestError("parallel_tool_calls", "must be true or false")
     return ChatPrompt(
         messages=messages,
         thinking_mode=thinking_mode,
@@ -312,4 +320,7 @@ def from_openai_request(body: Mapping[str, Any], *, default_thinking: bool = Tru
         tool_choice=tool_choice,
         forced_tool=forced_tool,
         tool_names=tool_names,
+        tools=tuple(tools),
+        response_format=response_format,
+        parallel_tool_calls=parallel_tool_calls,
     )

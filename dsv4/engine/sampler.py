@@ -5,16 +5,18 @@ The pipeline follows vLLM's (v1) order, so that a request means the same thing h
 1. raw logprobs: ``log_softmax`` of the logits exactly as the model produced them (vLLM's default
    ``raw_logprobs`` mode), i.e. *before* min_tokens, penalties, temperature and truncation. They describe
    the model, not the sampling recipe, so they are comparable across requests and usable for scoring;
-2. ``min_tokens``: the sequence's stop tokens get ``-inf`` until it has ``min_tokens`` output tokens;
+2. ``min_tokens``: the sequence's stop tokens get ``-inf`` until it has ``min_tokens`` output tokens
+   (not for a sequence with a grammar, which decides alone where its output may end);
 3. penalties: repetition (HF/vLLM: over prompt + output tokens, a positive logit is divided by the
    penalty and a negative one multiplied), then frequency and presence (OpenAI: over output tokens,
    ``logit -= frequency * count + presence * (count > 0)``);
-4. greedy rows (temperature < ``GREEDY_TEMPERATURE``) take the argmax here; ties go to the lowest id;
-5. temperature, then min_p (drop tokens whose probability is below ``min_p`` times the top one), then
+4. the grammar mask (``dsv4.engine.constraint``): tokens a row's grammar does not allow get ``-inf``;
+5. greedy rows (temperature < ``GREEDY_TEMPERATURE``) take the argmax here; ties go to the lowest id;
+6. temperature, then min_p (drop tokens whose probability is below ``min_p`` times the top one), then
    top_k, then top_p over the distribution renormalised after min_p and top_k. Each cut is *inclusive of
    ties* at its boundary, so the kept set depends only on the values, never on the order a sort left
    equal values in;
-6. an exact categorical draw by the exponential race (Gumbel-max) the official inference code uses:
+7. an exact categorical draw by the exponential race (Gumbel-max) the official inference code uses:
    ``argmax(log p_i - log E_i)`` with ``E_i ~ Exp(1)``. The ``E_i`` are drawn in float64 (vLLM has the same
    option): float32 uniforms are quantised to 2^-24, and over a 129k vocabulary the smallest ``E_i``, which
    decide how often unlikely tokens win, would then be coarse, or exactly 0 and hand the step to
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dsv4.engine.constraint import GrammarConstraint, allowed_tokens
 from dsv4.engine.sampling import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -50,8 +53,16 @@ class SamplingState:
     preemption or speculative rejection, keeps the penalties consistent).
     """
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], eos_token_ids: Iterable[int] = ()):
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        eos_token_ids: Iterable[int] = (),
+        constraint: GrammarConstraint | None = None,
+    ):
         self.params = params
+        # The grammar's matcher (``params.grammar``): it masks each step and follows every kept token.
+        self.constraint = constraint
         self.stop_token_ids = params.stop_token_set(eos_token_ids)  # what ends the sequence
         self.output_ids: list[int] = []
         # The prompt is only needed to build the repetition mask once, so it is not kept otherwise.
@@ -63,8 +74,10 @@ class SamplingState:
         self._counts: Tensor | None = None  # [V] fp32: occurrences in the output
         self._folded = 0  # how many of output_ids are already in _seen/_counts
 
-    def append(self, token_id: int) -> None:
+    def append(self, token_id: int) -> bool:
+        """Keep a token; False when the grammar does not allow it."""
         self.output_ids.append(token_id)
+        return self.constraint is None or self.constraint.advance(token_id)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The request's own generator (seeded rows only), created on the device the logits live on."""
@@ -145,7 +158,7 @@ class Sampler:
         num_top = [s.params.logprobs for s in states]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in num_top) else None
 
-        x = self._adjust(logits, states)
+        x = self._constrain(self._adjust(logits, states), logits, states)
         token_ids = x.argmax(dim=-1)  # the greedy rows' answer; the others are overwritten below
         sampled = [i for i, s in enumerate(states) if not s.params.greedy]
         if sampled:
@@ -168,7 +181,7 @@ class Sampler:
         mask_rows: list[int] = []
         mask_cols: list[int] = []
         for i, s in enumerate(states):
-            if len(s.output_ids) < s.params.min_tokens:
+            if s.constraint is None and len(s.output_ids) < s.params.min_tokens:
                 # an id outside the vocabulary can never be sampled, so there is nothing to mask
                 cols = [t for t in s.stop_token_ids if t < vocab]
                 mask_rows += [i] * len(cols)
@@ -191,6 +204,20 @@ class Sampler:
             y = y - _column([p.frequency_penalty for p in params], x.device) * counts
             y = y - _column([p.presence_penalty for p in params], x.device) * (counts > 0)
             x[rows] = y
+        return x
+
+    @staticmethod
+    def _constrain(x: Tensor, logits: Tensor, states: Sequence[SamplingState]) -> Tensor:
+        """Tokens a row's grammar does not allow get ``-inf`` (on a copy, as in ``_adjust``)."""
+        rows = [i for i, s in enumerate(states) if s.constraint is not None]
+        if not rows:
+            return x
+        if x is logits:
+            x = logits.clone()
+        constraints = [states[i].constraint for i in rows]
+        allowed = allowed_tokens(constraints, x.shape[-1], x.device)  # type: ignore[arg-type]
+        index = torch.tensor(rows, device=x.device)
+        x[index] = x[index].masked_fill(~allowed, _NEG_INF)
         return x
 
     @staticmethod

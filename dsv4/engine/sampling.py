@@ -56,6 +56,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None = no logprobs; N = the chosen token's logprob plus the top N
+    # An llguidance grammar the output must match (dsv4.chat.grammar builds them from API requests); it
+    # decides when the output may end, so min_tokens does not apply to such a sequence.
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
@@ -110,3 +113,5 @@ class SamplingParams:
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar):
+            raise ValueError(f"grammar must be a non-empty string, got {self.grammar!r}")

@@ -10,6 +10,7 @@ a preempted sequence resumes by recomputing prompt + output exactly as it would 
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Sequence as Seq
 
@@ -17,8 +18,11 @@ import torch
 
 from dsv4.cache.pool import PagedSequence
 from dsv4.chat.tokenizer import IncrementalDetokenizer
+from dsv4.engine.constraint import GrammarConstraint
 from dsv4.engine.sampler import SampledToken, SamplingState, StopChecker
 from dsv4.engine.sampling import SamplingParams
+
+log = logging.getLogger("dsv4.engine")
 
 
 class SequenceStatus(enum.Enum):
@@ -40,6 +44,11 @@ class Sequence:
     ``forced_ids`` (teacher forcing) replaces the first ``len(forced_ids)`` sampled tokens, so that a
     reference decode can be fed through the engine; ``capture_logits`` keeps the fp32 logits row of every
     sampling step (row 0 at the last prompt position, row j after output token j-1).
+
+    ``constraint`` is the matcher of ``params.grammar``. Where the grammar allows exactly one continuation,
+    its tokens are appended at once without being sampled (``num_fast_forward`` counts them): the next step
+    computes them as one chunk instead of one step each. Not for a request that wants logprobs or logits,
+    which exist only for sampled tokens.
     """
 
     def __init__(
@@ -53,13 +62,14 @@ class Sequence:
         prompt: str | None = None,
         forced_ids: Seq[int] | None = None,
         capture_logits: bool = False,
+        constraint: GrammarConstraint | None = None,
     ):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.max_model_len = max_model_len
-        self.sampling = SamplingState(params, self.prompt_ids, eos_token_ids)
+        self.sampling = SamplingState(params, self.prompt_ids, eos_token_ids, constraint)
         self.stop_checker = StopChecker(params.stop)
         self.detokenizer = detokenizer
         self.forced_ids = list(forced_ids) if forced_ids is not None else None
@@ -73,6 +83,8 @@ class Sequence:
         self.num_computed = 0  # tokens of prompt + output held in the cache
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens restored from the prefix cache at admission
+        self.num_fast_forward = 0  # output tokens the grammar forced, appended without a step of their own
+        self._fast_forward = constraint is not None and params.logprobs is None and not capture_logits
         self.text = ""  # output text released so far (held-back stop-string prefixes excluded)
         self._reported_tokens = 0  # what take_delta() has handed out
         self._reported_text = 0
@@ -115,12 +127,33 @@ class Sequence:
 
     # ------------------------------------------------------------------ progress
     def append(self, sampled: SampledToken, logits: torch.Tensor | None) -> None:
-        """Keep one new token, release the text it completes, and decide whether the sequence ends here."""
+        """Keep one new token (and those its grammar then forces), release the text they complete, and
+        decide whether the sequence ends here."""
+        self._keep(sampled, logits)
+        constraint = self.sampling.constraint
+        if constraint is None or self.finished:
+            return
+        if constraint.error is not None:
+            log.warning("request %s left its grammar (%s); aborted", self.request_id, constraint.error)
+            self.finish(FinishReason.ABORT)
+            return
+        if not self._fast_forward:
+            return
+        forced = constraint.forced_tokens()
+        if not forced and constraint.finished:
+            forced = [constraint.eos_token_id]  # the grammar is complete: only EOS may follow
+        for token in forced:
+            if self.finished:
+                break
+            self._keep(SampledToken(token, None, []), None)
+            self.num_fast_forward += 1
+
+    def _keep(self, sampled: SampledToken, logits: torch.Tensor | None) -> None:
         token = sampled.token_id
         now = time.monotonic()
         if self.first_token_time is None:
             self.first_token_time = now
-        self.sampling.append(token)
+        allowed = self.sampling.append(token)
         if self.logprobs is not None:
             self.logprobs.append(sampled)
         if self.logits is not None and logits is not None:
@@ -136,6 +169,10 @@ class Sequence:
             if update.stop is not None:
                 self.finish(FinishReason.STOP, update.stop)
                 return
+        constraint = self.sampling.constraint
+        if constraint is not None and allowed and token == constraint.eos_token_id:
+            self.finish(FinishReason.STOP, token)  # the grammar's end, also under ignore_eos or min_tokens
+            return
         if n_out >= params.max_tokens or self.num_tokens >= self.max_model_len:
             self.finish(FinishReason.LENGTH)
 
