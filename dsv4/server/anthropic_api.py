@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -198,6 +199,10 @@ def _tools(tools: list[Any]) -> list[dict[str, Any]]:
         if tool.get("description") is not None:
             function["description"] = _string(tool["description"], f"tools[{i}].description")
         function["parameters"] = dict(_object(tool.get("input_schema", {}), f"tools[{i}].input_schema"))
+        if tool.get("strict") is not None:  # inputs that follow input_schema, enforced while sampling
+            if not isinstance(tool["strict"], bool):
+                raise bad_request(f"tools[{i}].strict must be true or false", f"tools[{i}].strict")
+            function["strict"] = tool["strict"]
         converted.append({"type": "function", "function": function})
     return converted
 
@@ -244,6 +249,10 @@ def to_openai_body(request: CountTokensRequest) -> dict[str, Any]:
         body["tools"] = tools
     if request.tool_choice is not None:
         body["tool_choice"] = _tool_choice(request.tool_choice, tools)
+        disable_parallel = request.tool_choice.get("disable_parallel_tool_use", False)
+        if not isinstance(disable_parallel, bool):
+            raise bad_request("tool_choice.disable_parallel_tool_use must be true or false", "tool_choice")
+        body["parallel_tool_calls"] = not disable_parallel
     kind = (request.thinking or {}).get("type", "disabled")
     if kind not in (*_THINKING_ON, "disabled"):
         raise bad_request(f"thinking.type must be 'enabled', 'adaptive' or 'disabled', got {kind!r}", "thinking.type")
@@ -387,7 +396,9 @@ async def messages(request: Request, backend: Backend) -> Response:
     arrival = time.monotonic()
     fields = await _read(request, backend, MessagesRequest)
     params = sampling_params(fields)
-    prompt = await _prompt(request, fields, backend)
+    chat = await backend.offload(request, chat_prompt, fields)
+    prompt = await backend.encode_chat(chat)
+    params = replace(params, grammar=await backend.grammar(chat, prompt))
     backend.check_context(len(prompt.token_ids), fields.max_tokens, "max_tokens")
     stream = backend.submit([prompt.token_ids], [[params]])
     backend.remember_prompt(prompt)

@@ -146,7 +146,11 @@ def _serve(args: argparse.Namespace) -> int:
     engine = LLMEngineClient(llm, max_queue=args.max_queue)
     names = tuple(args.served_model_name or [Path(args.model).name or args.model])
     config = ServerConfig(
-        model_names=names, default_thinking=args.thinking == "on", session_dir=args.session_dir, **limits
+        model_names=names,
+        default_thinking=args.thinking == "on",
+        session_dir=args.session_dir,
+        strict_tools=args.strict_tools,
+        **limits,
     )
     app = create_app(engine, config)
     if not _is_loopback(args.host):
@@ -208,6 +212,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("on", "off"),
         default="on",
         help="OpenAI requests that neither switch thinking nor set reasoning_effort think by default",
+    )
+    p.add_argument(
+        "--strict-tools",
+        action="store_true",
+        help="hold every tool call's arguments to the tool's JSON schema, not only tools with strict: true",
     )
     p.add_argument(
         "--max-body-bytes",

@@ -130,8 +130,12 @@ def check_logit_bias(value: Any, vocab_size: int) -> None:
         raise bad_request("logit_bias is not supported: this engine applies no per-token bias", "logit_bias")
 
 
-def build_params(fields: SamplingFields, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
-    params = SamplingParams(**fields.sampling_kwargs(), seed=fields.seed, max_tokens=max_tokens, logprobs=logprobs)
+def build_params(
+    fields: SamplingFields, max_tokens: int, logprobs: int | None, grammar: str | None = None
+) -> list[SamplingParams]:
+    params = SamplingParams(
+        **fields.sampling_kwargs(), seed=fields.seed, max_tokens=max_tokens, logprobs=logprobs, grammar=grammar
+    )
     choices = choice_params(params, fields.num_choices)
     try:
         for choice in choices[:1] + choices[-1:]:  # a seeded request's last choice has the largest seed
@@ -264,13 +268,14 @@ async def chat_completions(request: Request, backend: Backend) -> Response:
     elif fields.top_logprobs is not None:
         raise bad_request("top_logprobs needs logprobs to be true", "top_logprobs")
     prompt = await backend.encode_chat(chat)
+    grammar = await backend.grammar(chat, prompt)
     max_tokens, param = fields.max_completion_tokens, "max_completion_tokens"
     if max_tokens is None:
         max_tokens, param = fields.max_tokens, "max_tokens"
     if max_tokens is None:  # the rest of the context; an explicit value must fit in it
-        params = build_params(fields, backend.default_max_tokens(prompt.token_ids), top_logprobs)
+        params = build_params(fields, backend.default_max_tokens(prompt.token_ids), top_logprobs, grammar)
     else:
-        params = build_params(fields, max_tokens, top_logprobs)
+        params = build_params(fields, max_tokens, top_logprobs, grammar)
         backend.check_context(len(prompt.token_ids), max_tokens, param)
     stream = backend.submit([prompt.token_ids], [params])
     backend.remember_prompt(prompt)

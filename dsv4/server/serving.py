@@ -25,10 +25,12 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from dsv4.chat.encoding import EncodingError, SampledInvoke
+from dsv4.chat.encoding import EncodingError, SampledInvoke, completion_mode_for_prompt
+from dsv4.chat.grammar import GrammarError, completion_grammar
 from dsv4.chat.openai import ChatPrompt
 from dsv4.chat.parser import ParsedCompletion
 from dsv4.chat.tokenizer import TooManyTokens
+from dsv4.engine.constraint import compiler_for
 from dsv4.engine.sampling import SamplingParams
 from dsv4.server.body import parse_json, read_body
 from dsv4.server.engine_client import (
@@ -71,6 +73,7 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger bodies get 413 before they are read
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH  # deeper bodies get 400
     session_dir: Path | None = None  # the engine's session directory: the tool-call memory persists there too
+    strict_tools: bool = False  # every tool's arguments follow its schema, as if each had strict: true
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1:
@@ -415,6 +418,33 @@ class Backend:
             raise bad_request(str(error), "messages") from None
         self.check_prompt(prompt.token_ids, "messages")
         return prompt
+
+    async def grammar(self, chat: ChatPrompt, prompt: EncodedPrompt) -> str | None:
+        """The grammar the reply is held to (``dsv4.chat.grammar``), or None when the request promises
+        nothing; compiled once here, so that a schema llguidance cannot enforce is a 400 naming its field
+        before anything is queued (the engine reuses the compiled grammar)."""
+        tokenizer = self.engine.tokenizer
+        try:
+            grammar = completion_grammar(
+                thinking=completion_mode_for_prompt(prompt.text) == "thinking",
+                tools=chat.tools,
+                tool_choice=chat.tool_choice,
+                forced_tool=chat.forced_tool,
+                response_format=chat.response_format,
+                special_token_ids=tokenizer.special_token_ids,
+                parallel_tool_calls=chat.parallel_tool_calls,
+                strict_tools=self.config.strict_tools,
+            )
+        except GrammarError as error:
+            raise bad_request(str(error), error.field) from None
+        if grammar is None:
+            return None
+        try:  # compiling drops the GIL; a large schema takes milliseconds
+            await asyncio.to_thread(compiler_for(tokenizer, self.engine.vocab_size).check, grammar)
+        except ValueError as error:
+            field = "response_format" if chat.response_format is not None and not chat.tools else "tools"
+            raise bad_request(f"the request's tools or response_format cannot be enforced: {error}", field) from None
+        return grammar
 
     def remember_prompt(self, prompt: EncodedPrompt) -> None:
         """A chat prompt was submitted: later prompts that extend its text reuse its ids."""
