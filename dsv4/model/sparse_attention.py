@@ -63,9 +63,16 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, sink: torch.
     acc = torch.zeros((t_len, n_heads, dim), dtype=torch.float32, device=q.device)
     for start in range(0, idx.shape[1], BLOCK):
         blk = idx[:, start : start + BLOCK].long()
+        width = blk.shape[1]
         valid = blk >= 0
-        k_blk = keys[torch.where(valid, blk, zero_row)]
-        z = torch.bmm(qf, k_blk.transpose(1, 2)) * scale_t
+        rows = torch.where(valid, blk, zero_row)
+        if width < BLOCK:  # the kernel's tile is 64 slots wide whatever the list's width: its logits are
+            # one [heads x 64] product (the slots past the list read the zero row), which the BLAS rounds
+            # differently from a narrower one; the sums and P·V below use the real slots only.
+            rows = torch.nn.functional.pad(rows, (0, BLOCK - width), value=zero_row)
+        k_blk = keys[rows]
+        z = (torch.bmm(qf, k_blk.transpose(1, 2)) * scale_t)[..., :width]
+        k_blk = k_blk[:, :width]
         z = z.masked_fill(~valid.unsqueeze(1), -torch.inf)
         m_new = torch.maximum(m, z.amax(dim=-1))
         # Rows that have seen no valid entry yet keep m = -inf; use 0 there so that exp() gives 0, not NaN.
