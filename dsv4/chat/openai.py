@@ -16,7 +16,8 @@ Choices the official encoder leaves open, made here:
 * ``tool_choice``: ``auto`` (or absent) changes nothing, so the prompt stays byte-exact. ``none`` leaves
   the tool block out of the prompt. ``required`` and a named function add one instruction line to the system
   message, just before the tool block; the resulting :class:`ChatPrompt` says what was asked
-  (``tool_choice``, ``forced_tool``) so the server can check the reply.
+  (``tool_choice``, ``forced_tool``, the tools, ``response_format``, ``parallel_tool_calls``) so that the
+  server can enforce it while sampling (:mod:`dsv4.chat.grammar`).
 * ``reasoning_effort``: ``none`` turns thinking off; ``minimal``, ``low``, ``medium`` and ``high`` are V4's
   plain thinking ("Think High"); ``xhigh`` and ``max`` add the max-effort preamble ("Think Max").
 * Text content given as a list of parts is joined with blank lines, as the official encoder joins the
