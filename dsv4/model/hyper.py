@@ -31,12 +31,37 @@ def sinkhorn_split(
     comb = (mixes[..., 2 * hc :] * scale[2] + base[2 * hc :]).unflatten(-1, (hc, hc))
     # exp(c - max) / sum written out: torch.softmax's fused kernel differs from the reference by an ulp
     comb = (comb - comb.amax(dim=-1, keepdim=True)).exp()
+    return pre, post, _normalize(comb, iters, eps)
+
+
+def _sinkhorn_iterations(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """The normalisations of ``sinkhorn_split`` on exp'd logits [n, hc, hc]: only adds, sums of hc terms
+    and divisions, each correctly rounded, so any order-preserving compilation gives the same bits."""
     comb = comb / comb.sum(dim=-1, keepdim=True) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    return pre, post, comb
+    return comb
+
+
+# Eager, the iterations are ~6·iters tiny ops per call, 20 calls per decode step - the largest share of a
+# step's op count. Inductor fuses them into one loop. Compiled with static shapes only: its dynamic-shape
+# code rounds differently (and its exp differs from eager's, so exp stays outside). Row counts up to
+# COMPILED_ROWS (decode batches) are padded to a power of two so at most a handful of graphs exist; longer
+# inputs (prefill) are few per step and stay eager. Rows are independent, so padding changes no bits.
+COMPILED_ROWS = 16
+_compiled_iterations = torch.compile(_sinkhorn_iterations, dynamic=False, fullgraph=True)
+
+
+def _normalize(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    n = comb.shape[0] if comb.dim() == 3 else 0
+    if comb.dim() != 3 or n == 0 or n > COMPILED_ROWS or comb.device.type != "cpu":
+        return _sinkhorn_iterations(comb, iters, eps)
+    rows = 1 << (n - 1).bit_length()
+    if rows != n:
+        comb = torch.cat([comb, comb.new_ones(rows - n, *comb.shape[1:])])
+    return _compiled_iterations(comb, iters, eps)[:n]
 
 
 def _normalized_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float, numerics: Numerics) -> torch.Tensor:
