@@ -8,10 +8,22 @@ what keeps a real checkpoint's memory at its own size (issue #11): no dense fp32
 only a bounded scratch of dequantised row tiles.
 
 All three functions take fp32 activations ``x`` [M, K] and return fp32 [M, N]; rounding to the activation
-dtype is the caller's.
+dtype is the caller's. On CPU they run a C++ kernel (``csrc/lowbit_gemm.cpp``, AVX-512 with a portable
+fallback) compiled with torch's extension builder on first use and cached; each output element is then one
+fixed sequence of fp32 operations whatever M is, so a row does not depend on its batch (a decode row equals
+its prefill row bit for bit). Where the kernel cannot be built (no compiler) the CPU falls back, with one
+warning, to the torch path that other devices use: the same per-block order, but each block's sum is a BLAS
+product whose rounding may depend on M.
 """
 
 from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +35,116 @@ ACT_BLOCK = 128
 # Upper bound on the fp32 scratch one torch-path tile may use (dequantised weight rows plus per-block
 # partial products), so that memory does not grow with the weight.
 SCRATCH_BYTES = 32 << 20
+
+_CSRC = Path(__file__).parent / "csrc" / "lowbit_gemm.cpp"
+_FMT = {"fp8": 0, "fp4": 1, "bf16": 2}
+_ISA = {"portable": 1, "avx512": 2}
+_build_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_build_failed = False
+
+
+def _build_directory() -> str | None:
+    """Where the compiled kernel is cached: torch's own directory when TORCH_EXTENSIONS_DIR says so, else
+    dsv4's cache, one directory per torch version (the library links against torch)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return None
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv4" / "kernels"
+    path = root / f"torch-{torch.__version__}"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (or reuse) the kernel library. -fopenmp only enables at::parallel_for's inline OpenMP region:
+    the library binds to the libgomp torch has already loaded, so torch.set_num_threads governs it."""
+    from torch.utils.cpp_extension import load
+
+    if shutil.which("ninja") is None:
+        # torch's builder runs `ninja` from PATH; the ninja wheel (a dependency) may sit outside it.
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    path = load(
+        name="dsv4_lowbit_gemm",
+        sources=[str(_CSRC)],
+        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=_build_directory(),
+        is_python_module=False,
+    )
+    lib = ctypes.CDLL(path)
+    lib.dsv4_gemm_best_isa.restype = ctypes.c_int
+    lib.dsv4_gemm.restype = None
+    lib.dsv4_gemm.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+    return lib
+
+
+def kernel_library() -> ctypes.CDLL | None:
+    """The compiled kernels, built on first use; None (after one warning) where they cannot be built."""
+    global _library, _build_failed
+    if _library is None and not _build_failed:
+        with _build_lock:
+            if _library is None and not _build_failed:
+                try:
+                    _library = _build()
+                except Exception as e:  # no compiler, no ninja, a failed build: all mean the torch path
+                    _build_failed = True
+                    lines = str(e).strip().splitlines()
+                    why = lines[-1] if lines else type(e).__name__
+                    warnings.warn(
+                        f"dsv4: the low-bit GEMM kernels could not be built ({why}); "
+                        "CPU GEMMs fall back to torch ops, slower and not batch-invariant",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+    return _library
+
+
+def kernel_isa() -> str:
+    """What CPU GEMMs run on here: 'avx512', 'portable' (the compiled kernel without AVX-512) or 'torch'."""
+    lib = kernel_library()
+    if lib is None:
+        return "torch"
+    return "avx512" if lib.dsv4_gemm_best_isa() == _ISA["avx512"] else "portable"
+
+
+def _run_kernel(
+    lib: ctypes.CDLL,
+    fmt: str,
+    x: torch.Tensor,
+    x_scale: torch.Tensor | None,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    n: int,
+    isa: str | None = None,
+) -> torch.Tensor:
+    """Call the compiled kernel on contiguous CPU tensors (ctypes releases the GIL for the call).
+
+    ``isa`` forces 'portable' (tests compare it with AVX-512); by default the best this CPU runs."""
+    x = x.contiguous()
+    xs = x_scale.contiguous() if x_scale is not None else None
+    w = weight.contiguous()
+    ws = scale.contiguous() if scale is not None else None
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m and n and k:
+        code = _ISA[isa] if isa is not None else lib.dsv4_gemm_best_isa()
+        lib.dsv4_gemm(
+            _FMT[fmt],
+            code,
+            x.data_ptr(),
+            xs.data_ptr() if xs is not None else None,
+            w.data_ptr(),
+            ws.data_ptr() if ws is not None else None,
+            y.data_ptr(),
+            m,
+            n,
+            k,
+        )
+    elif n:
+        y.zero_()
+    return y
 
 
 def _fp4_table(device: torch.device) -> torch.Tensor:
@@ -140,6 +262,9 @@ def fp8_linear(
     want = (-(-n // FP8_WEIGHT_BLOCK), -(-k // FP8_WEIGHT_BLOCK))
     if tuple(scale.shape) != want:
         raise ValueError(f"scale must be {want}, got {tuple(scale.shape)}")
+    lib = kernel_library() if x.device.type == "cpu" else None
+    if lib is not None:
+        return _run_kernel(lib, "fp8", x, x_scale, weight, scale, n)
     return _fp8_linear_torch(x, x_scale, weight, scale)
 
 
@@ -160,6 +285,9 @@ def fp4_linear(
     _check(x, x_scale, k)
     if tuple(scale.shape) != (n, k // FP4_WEIGHT_BLOCK):
         raise ValueError(f"scale must be {(n, k // FP4_WEIGHT_BLOCK)}, got {tuple(scale.shape)}")
+    lib = kernel_library() if x.device.type == "cpu" else None
+    if lib is not None:
+        return _run_kernel(lib, "fp4", x, x_scale, weight, scale, n)
     return _fp4_linear_torch(x, x_scale, weight, scale)
 
 
@@ -169,4 +297,7 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if weight.dtype != torch.bfloat16 or weight.dim() != 2:
         raise ValueError(f"weight must be bfloat16 [N, K], got {weight.dtype} {tuple(weight.shape)}")
     _check(x, None, weight.shape[1])
+    lib = kernel_library() if x.device.type == "cpu" else None
+    if lib is not None:
+        return _run_kernel(lib, "bf16", x, None, weight, None, weight.shape[0])
     return _bf16_linear_torch(x, weight)
