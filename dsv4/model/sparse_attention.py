@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 
 BLOCK = 64
-# Queries per pass: each pass gathers [queries, 64, D] keys per block, so a long prefill is cut into passes
-# that keep that gather around 32 MB in fp32 (queries are independent; the result does not depend on it).
+# Queries per pass: each pass gathers the keys of its whole lists at once ([queries, slots, D]), so a long
+# prefill is cut into passes that keep that gather around 32 MB in fp32 (queries are independent; the result
+# does not depend on it).
 QUERY_CHUNK_ELEMENTS = 1 << 23
 
 
@@ -45,7 +46,8 @@ def sparse_attention_on_keys(
     q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """``sparse_attention`` with its keys already built by ``keys_with_zero_row``."""
-    chunk = max(1, QUERY_CHUNK_ELEMENTS // (BLOCK * q.shape[-1]))
+    slots = max(1, -(-idx.shape[1] // BLOCK)) * BLOCK
+    chunk = max(1, QUERY_CHUNK_ELEMENTS // (slots * q.shape[-1]))
     out = [_attend(q[i : i + chunk], keys, idx[i : i + chunk], sink, scale) for i in range(0, len(q), chunk)]
     return out[0] if len(out) == 1 else torch.cat(out)
 
@@ -61,26 +63,27 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, sink: torch.
     m = torch.full((t_len, n_heads), -torch.inf, dtype=torch.float32, device=q.device)
     l_sum = torch.zeros((t_len, n_heads), dtype=torch.float32, device=q.device)
     acc = torch.zeros((t_len, n_heads, dim), dtype=torch.float32, device=q.device)
-    for start in range(0, idx.shape[1], BLOCK):
-        blk = idx[:, start : start + BLOCK].long()
-        width = blk.shape[1]
-        valid = blk >= 0
-        rows = torch.where(valid, blk, zero_row)
-        if width < BLOCK:  # the kernel's tile is 64 slots wide whatever the list's width: its logits are
-            # one [heads x 64] product (the slots past the list read the zero row), which the BLAS rounds
-            # differently from a narrower one; the sums and P·V below use the real slots only.
-            rows = torch.nn.functional.pad(rows, (0, BLOCK - width), value=zero_row)
-        k_blk = keys[rows]
-        z = (torch.bmm(qf, k_blk.transpose(1, 2)) * scale_t)[..., :width]
-        k_blk = k_blk[:, :width]
-        z = z.masked_fill(~valid.unsqueeze(1), -torch.inf)
+    # Every block's rows gathered at once, the lists padded to whole blocks with the zero row: the kernel's
+    # tile is 64 slots wide whatever the list's width, so a short last block's logits are one [heads x 64]
+    # product (which the BLAS rounds differently from a narrower one); its sums and P·V use the real slots.
+    width = idx.shape[1]
+    idx = idx.long()
+    invalid = (idx < 0).unsqueeze(1)
+    rows = torch.where(invalid.squeeze(1), zero_row, idx)
+    rows = torch.nn.functional.pad(rows, (0, -width % BLOCK), value=zero_row)
+    gathered = keys[rows]
+    for start in range(0, width, BLOCK):
+        end = min(start + BLOCK, width)
+        k_blk = gathered[:, start : start + BLOCK]
+        z = (torch.bmm(qf, k_blk.transpose(1, 2)) * scale_t)[..., : end - start]
+        z = z.masked_fill(invalid[..., start:end], -torch.inf)
         m_new = torch.maximum(m, z.amax(dim=-1))
         # Rows that have seen no valid entry yet keep m = -inf; use 0 there so that exp() gives 0, not NaN.
         m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
         alpha = torch.exp(m - m_safe)
         p = torch.exp(z - m_safe.unsqueeze(-1))
         l_sum = l_sum * alpha + p.sum(dim=-1)
-        pv = torch.bmm(p.to(p_dtype).float(), k_blk)
+        pv = torch.bmm(p.to(p_dtype).float(), k_blk[:, : end - start])
         acc = acc * alpha.unsqueeze(-1) + pv
         m = m_new
     m_safe = torch.where(torch.isinf(m), 0.0, m)
