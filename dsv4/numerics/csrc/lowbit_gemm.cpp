@@ -44,7 +44,8 @@ constexpr int MR = 12;   // activation rows per microkernel call (2 x 12 partial
 constexpr int FP8_BLOCK = 128;
 constexpr int FP4_BLOCK = 32;
 constexpr int ACT_BLOCK = 128;
-constexpr int64_t FUSED_MAX_M = 4;
+constexpr int64_t FUSED_MAX_M = 16;  // decode: the fused schedule up to this many activation rows
+constexpr int64_t FUSED_TILE = 16;   // activation rows per fused pass (partial sums in registers)
 
 enum Fmt { FP8 = 0, FP4 = 1, BF16 = 2 };
 
@@ -423,46 +424,52 @@ AVX512 void micro_avx512_rows(const Problem& p, const Chunk& c, int64_t m0, int 
 // FP4: 128 k, bf16: 32 k) of each group are transposed into a small buffer, then each dword column is decoded
 // right before its FMAs; partial sums and accumulators stay in registers.
 template <Fmt F, int R, int G>
-AVX512 inline void fused_fma(const float* x, int64_t ldx, int64_t k, const __m512 (&w)[G], __m512 (&part)[R][G]) {
-#pragma GCC unroll 4
+AVX512 inline void fused_fma(const float* xk, int64_t ldk, int64_t k, const __m512 (&w)[G], __m512 (&part)[R][G]) {
+#pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
-    const __m512 xb = _mm512_set1_ps(x[i * ldx + k]);
+    const __m512 xb = _mm512_set1_ps(xk[k * ldk + i]);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) part[i][g] = _mm512_fmadd_ps(xb, w[g], part[i][g]);
   }
 }
 
-// acc += part * (s_x * s_w), part = 0: the end of the block holding column k.
+// y += part * (s_x * s_w) (y = ... for the first block), part = 0: the end of the block holding column k.
 template <int R, int G>
-AVX512 inline void fused_end_block(const Problem& p, int64_t m0, int64_t k, const __m512 (&sw)[G], __m512 (&part)[R][G],
-                                   __m512 (&acc)[R][G]) {
-#pragma GCC unroll 4
+AVX512 inline void fused_end_block(const Problem& p, int64_t n0, int64_t m0, int64_t k, bool first,
+                                   const __m512 (&sw)[G], __m512 (&part)[R][G]) {
+  __mmask16 mask[G];
+  for (int g = 0; g < G; ++g)
+    mask[g] = __mmask16((1u << std::min<int64_t>(16, std::max<int64_t>(0, p.N - n0 - 16 * g))) - 1);
+#pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
     const __m512 sx = _mm512_set1_ps(p.act_scale(m0 + i, k));
+    float* y = p.y + (m0 + i) * p.N + n0;
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
-      acc[i][g] = _mm512_fmadd_ps(part[i][g], _mm512_mul_ps(sx, sw[g]), acc[i][g]);
+      const __m512 acc = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mask[g], y + 16 * g);
+      _mm512_mask_storeu_ps(y + 16 * g, mask[g], _mm512_fmadd_ps(part[i][g], _mm512_mul_ps(sx, sw[g]), acc));
       part[i][g] = _mm512_setzero_ps();
     }
   }
 }
 
-// R activation rows against G groups of 16 weight rows from n0, all of K. The bytes of 64 columns (FP8: 64 k,
-// FP4: 128 k, bf16: 32 k) of each group are transposed into a small buffer, then each dword column is decoded
-// right before its FMAs; partial sums and accumulators stay in registers.
+// Activation rows [m0, m0 + R) against G groups of 16 weight rows from n0, all of K. The bytes of 64 columns
+// (FP8: 64 k, FP4: 128 k, bf16: 32 k) of each group are transposed into a small buffer, then each dword
+// column is decoded right before its FMAs; the partial sums stay in registers. xk: the activations packed
+// as [K][ldk] (broadcasts read consecutive addresses), FP8 ones pre-multiplied by 2^8.
 template <Fmt F, int R, int G>
-AVX512 void fused_avx512(const Problem& p, int64_t n0, int64_t m0) {
+AVX512 void fused_avx512(const Problem& p, const float* xk, int64_t ldk, int64_t n0, int64_t m0) {
   constexpr int per = F == FP8 ? 4 : F == FP4 ? 8 : 2;  // k per dword column
   constexpr int64_t span = 16 * per;                     // k per 64-byte row segment
   constexpr int64_t ahead = 2 * 64;                      // prefetch distance along each row (measured best)
   alignas(64) __m512i tb[G][16];
-  __m512 part[R][G], acc[R][G], w[G], w1[G], sw[G];
+  __m512 part[R][G], w[G], w1[G], sw[G];
   for (int i = 0; i < R; ++i)
-    for (int g = 0; g < G; ++g) part[i][g] = acc[i][g] = _mm512_setzero_ps();
+    for (int g = 0; g < G; ++g) part[i][g] = _mm512_setzero_ps();
   const __m512 table = _mm512_load_ps(fp4_values);
   const __m512i lo = fp8_pair_index(0), hi = fp8_pair_index(1);
   const __m512i high = _mm512_set1_epi32(int32_t(0xFFFF0000u));
-  const float* x = p.x + m0 * p.K;
+  xk += m0;
   for (int64_t k0 = 0; k0 < p.K; k0 += span) {
     const int64_t kvalid = std::min<int64_t>(span, p.K - k0);
     const int bytes = int(F == FP8 ? kvalid : F == FP4 ? kvalid / 2 : 2 * kvalid);
@@ -481,18 +488,18 @@ AVX512 void fused_avx512(const Problem& p, int64_t n0, int64_t m0) {
       if constexpr (F == FP8) {
         for (int h = 0; h < 2 && 2 * h < nk; ++h) {
           for (int g = 0; g < G; ++g) fp8_decode_pair(_mm512_load_si512(&tb[g][j]), h ? hi : lo, w[g], w1[g]);
-          fused_fma<F, R, G>(x, p.K, kj + 2 * h, w, part);
-          if (2 * h + 1 < nk) fused_fma<F, R, G>(x, p.K, kj + 2 * h + 1, w1, part);
+          fused_fma<F, R, G>(xk, ldk, kj + 2 * h, w, part);
+          if (2 * h + 1 < nk) fused_fma<F, R, G>(xk, ldk, kj + 2 * h + 1, w1, part);
         }
       } else if constexpr (F == FP4) {
         for (int i = 0; i < 8; ++i) {  // K is a multiple of 32: every column is whole
           for (int g = 0; g < G; ++g)
             w[g] = _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_load_si512(&tb[g][j]), 4 * i), table);
-          fused_fma<F, R, G>(x, p.K, kj + i, w, part);
+          fused_fma<F, R, G>(xk, ldk, kj + i, w, part);
         }
         if (j % 4 == 3) {  // a 32-k block ends every four columns
           for (int g = 0; g < G; ++g) sw[g] = e8m0_lanes(scale_bytes[g], j / 4);
-          fused_end_block<R, G>(p, m0, kj, sw, part, acc);
+          fused_end_block<R, G>(p, n0, m0, kj, kj < FP4_BLOCK, sw, part);
         }
       } else {
         for (int g = 0; g < G; ++g) {
@@ -500,44 +507,70 @@ AVX512 void fused_avx512(const Problem& p, int64_t n0, int64_t m0) {
           w[g] = _mm512_castsi512_ps(_mm512_slli_epi32(d, 16));
           w1[g] = _mm512_castsi512_ps(_mm512_and_si512(d, high));
         }
-        fused_fma<F, R, G>(x, p.K, kj, w, part);
-        if (nk > 1) fused_fma<F, R, G>(x, p.K, kj + 1, w1, part);
+        fused_fma<F, R, G>(xk, ldk, kj, w, part);
+        if (nk > 1) fused_fma<F, R, G>(xk, ldk, kj + 1, w1, part);
       }
     }
     if constexpr (F == FP8) {
       if ((k0 + span) % FP8_BLOCK == 0 || k0 + span >= p.K) {
         for (int g = 0; g < G; ++g) sw[g] = _mm512_set1_ps(fp8_weight_scale(p, std::min(n0 + 16 * g, p.N - 1), k0));
-        fused_end_block<R, G>(p, m0, k0, sw, part, acc);
+        fused_end_block<R, G>(p, n0, m0, k0, k0 < FP8_BLOCK, sw, part);
       }
     }
   }
-  for (int i = 0; i < R; ++i)
-    for (int g = 0; g < G; ++g) {
-      const int64_t n = n0 + 16 * g;
-      const __mmask16 mask = __mmask16((1u << std::min<int64_t>(16, std::max<int64_t>(0, p.N - n))) - 1);
-      _mm512_mask_storeu_ps(p.y + (m0 + i) * p.N + n, mask, F == BF16 ? part[i][g] : acc[i][g]);
-    }
+  if constexpr (F == BF16) {
+    for (int i = 0; i < R; ++i)
+      for (int g = 0; g < G; ++g) {
+        const int64_t n = n0 + 16 * g;
+        const __mmask16 mask = __mmask16((1u << std::min<int64_t>(16, std::max<int64_t>(0, p.N - n))) - 1);
+        _mm512_mask_storeu_ps(p.y + (m0 + i) * p.N + n, mask, part[i][g]);
+      }
+  }
 }
 
-// Groups of 16 rows per fused task: eight chains in flight (FMA latency x throughput) for R rows.
-constexpr int fused_groups(Fmt f, int r) { return f == FP4 && r == 1 ? 2 : 1; }
+// Groups of 16 weight rows per fused task. One group (16 rows, 16 row streams) reads memory best; FP4 with
+// one activation row needs two for enough independent FMA chains.
+constexpr int fused_groups(Fmt f, int64_t m) { return f == FP4 && m == 1 ? 2 : 1; }
 
+// All activation rows against one fused task's weight rows, in tiles of at most FUSED_TILE rows.
 template <Fmt F>
-AVX512 void fused_rows(const Problem& p, int64_t n0) {
-  switch (p.M) {
-    case 1: return fused_avx512<F, 1, fused_groups(F, 1)>(p, n0, 0);
-    case 2: return fused_avx512<F, 2, fused_groups(F, 2)>(p, n0, 0);
-    case 3: return fused_avx512<F, 3, fused_groups(F, 3)>(p, n0, 0);
-    default: return fused_avx512<F, 4, fused_groups(F, 4)>(p, n0, 0);
+AVX512 void fused_task(const Problem& p, const float* xk, int64_t n0) {
+  constexpr int G1 = fused_groups(F, 1), G = fused_groups(F, 2);
+  for (int64_t m0 = 0; m0 < p.M; m0 += FUSED_TILE) {
+    switch (std::min<int64_t>(FUSED_TILE, p.M - m0)) {
+      case 1: fused_avx512<F, 1, G1>(p, xk, p.M, n0, m0); break;
+      case 2: fused_avx512<F, 2, G>(p, xk, p.M, n0, m0); break;
+      case 3: fused_avx512<F, 3, G>(p, xk, p.M, n0, m0); break;
+      case 4: fused_avx512<F, 4, G>(p, xk, p.M, n0, m0); break;
+      case 5: fused_avx512<F, 5, G>(p, xk, p.M, n0, m0); break;
+      case 6: fused_avx512<F, 6, G>(p, xk, p.M, n0, m0); break;
+      case 7: fused_avx512<F, 7, G>(p, xk, p.M, n0, m0); break;
+      case 8: fused_avx512<F, 8, G>(p, xk, p.M, n0, m0); break;
+      case 9: fused_avx512<F, 9, G>(p, xk, p.M, n0, m0); break;
+      case 10: fused_avx512<F, 10, G>(p, xk, p.M, n0, m0); break;
+      case 11: fused_avx512<F, 11, G>(p, xk, p.M, n0, m0); break;
+      case 12: fused_avx512<F, 12, G>(p, xk, p.M, n0, m0); break;
+      case 13: fused_avx512<F, 13, G>(p, xk, p.M, n0, m0); break;
+      case 14: fused_avx512<F, 14, G>(p, xk, p.M, n0, m0); break;
+      case 15: fused_avx512<F, 15, G>(p, xk, p.M, n0, m0); break;
+      default: fused_avx512<F, 16, G>(p, xk, p.M, n0, m0); break;
+    }
   }
 }
 
-AVX512 void fused_task(const Problem& p, int64_t n0) {
-  switch (p.fmt) {
-    case FP8: return fused_rows<FP8>(p, n0);
-    case FP4: return fused_rows<FP4>(p, n0);
-    default: return fused_rows<BF16>(p, n0);
-  }
+AVX512 void run_fused(const Problem& p) {
+  // Activations packed as [K][M] (and FP8's pre-multiplied by 2^8): at most FUSED_MAX_M rows.
+  std::vector<float> xk(p.M * p.K);
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t k = 0; k < p.K; ++k) xk[k * p.M + m] = p.x[m * p.K + k] * x_factor(p.fmt);
+  const int64_t rows = 16 * fused_groups(p.fmt, p.M);
+  at::parallel_for(0, (p.N + rows - 1) / rows, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      if (p.fmt == FP8) fused_task<FP8>(p, xk.data(), t * rows);
+      else if (p.fmt == FP4) fused_task<FP4>(p, xk.data(), t * rows);
+      else fused_task<BF16>(p, xk.data(), t * rows);
+    }
+  });
 }
 
 bool cpu_has_avx512() {
@@ -550,22 +583,6 @@ bool cpu_has_avx512() {
 bool cpu_has_avx512() { return false; }
 #endif
 
-#if DSV4_X86
-void run_fused(const Problem& p) {
-  // The fused schedule broadcasts x in place: FP8 gets the 2^8-scaled copy (at most 4 rows).
-  std::vector<float> scaled;
-  Problem q = p;
-  if (p.fmt == FP8) {
-    scaled.resize(p.M * p.K);
-    for (int64_t i = 0; i < p.M * p.K; ++i) scaled[i] = p.x[i] * x_factor(FP8);
-    q.x = scaled.data();
-  }
-  const int64_t rows = 16 * fused_groups(q.fmt, int(q.M));
-  at::parallel_for(0, (q.N + rows - 1) / rows, 1, [&](int64_t b, int64_t e) {
-    for (int64_t t = b; t < e; ++t) fused_task(q, t * rows);
-  });
-}
-#endif
 
 // One panel task: weight rows [n0, n0 + rows) against activation rows [m0, m1), all of K.
 void panel_task(const Problem& p, bool avx512, int64_t n0, int64_t rows, int64_t m0, int64_t m1) {
