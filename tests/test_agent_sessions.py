@@ -25,9 +25,12 @@ Logits are compared with a cold engine's (no prefix cache) on a subset of turns:
 restored history holds earlier replies as they were decoded, token by token, where the cold run computes
 them as prompt - which the test verifies by recording the indexer's picks (see :class:`IndexerPicks`).
 
-The server's tool-call memory (sampled DSML and reasoning by tool-call id) persists in the session directory
-beside the engine's checkpoints, so after the restart a history whose client re-serialised arguments or
-dropped the reasoning of a tool-calling turn still renders to the ids on disk.
+The server's tool-call memory (sampled DSML and reasoning by tool-call id) and its prompt memory's record of
+the model's non-canonical spellings persist in the session directory beside the engine's checkpoints, so
+after the restart a history whose client re-serialised arguments or dropped the reasoning of a tool-calling
+turn, or that holds a free reply the model spelled its own way, still tokenises to the ids on disk. Free
+turns run under the server's tool-call grammar (tool_choice auto); scripted ones, fed instead of sampled,
+without it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import random
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -259,13 +262,14 @@ class ScriptedEngineClient(LLMEngineClient):
     def _add(self, request: SequenceRequest, stream: GenerationStream, index: int) -> None:
         stats = self._llm.prefix_stats()
         self._before[request.request_id] = (stats.computed_tokens, stats.disk_hits)
-        self.records[request.request_id] = Record(
-            request.request_id, list(request.prompt_token_ids), self.forced, request.params
-        )
+        # a scripted reply replaces sampling, and with it the tool-call grammar that would constrain it
+        params = request.params if self.forced is None else replace(request.params, grammar=None)
+        prompt_ids = list(request.prompt_token_ids)
+        self.records[request.request_id] = Record(request.request_id, prompt_ids, self.forced, params)
         try:
             self._llm.add_request(
                 request.prompt_token_ids,
-                request.params,
+                params,
                 request.request_id,
                 forced_token_ids=self.forced,
                 capture_logits=True,

@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import anthropic
 import httpx
@@ -21,7 +22,7 @@ import pytest
 from dsv4.chat.encoding import EOS, THINK_END
 from dsv4.chat.openai import from_openai_request
 from dsv4.chat.parser import parse_completion
-from dsv4.chat.tokenizer import ChatTokenizer, build_test_tokenizer
+from dsv4.chat.tokenizer import ChatTokenizer, TooManyTokens, build_test_tokenizer
 from dsv4.server.app import create_app, serve_in_thread
 from dsv4.server.engine_client import EngineStats, GenerationStream, SequenceDelta, SequenceRequest
 from dsv4.server.prompt_cache import PromptMemory
@@ -363,6 +364,32 @@ def test_prompt_memory_records_completions_as_sampled() -> None:
     # cut off inside a character: not recorded
     memory.remember_completion(prompt, prompt_ids, byte_ids(tok, "é")[:1], "length", None)
     assert len(memory) == 2
+
+
+def test_prompt_memory_keeps_sampled_spellings_across_a_restart(tmp_path: Path) -> None:
+    """After a restart the whole-history entries are gone, but the model's non-canonical spellings of its
+    outputs are journaled: a history sent back still tokenises to the ids the model sampled, and a
+    canonical output costs the journal nothing."""
+    tok = build_test_tokenizer()
+    journal = tmp_path / "server" / "sampled_spellings.jsonl"
+    memory = PromptMemory(tok, journal=journal)
+    prompt = "<｜User｜>Hi<｜Assistant｜><think>"
+    reasoning, content = "Let me look", "Here it is"
+    out = byte_ids(tok, reasoning) + [tok.special_token_ids[THINK_END]] + tok.encode(content) + [tok.eos_token_id]
+    memory.remember_completion(prompt, tok.encode(prompt), out, "stop", tok.eos_token_id)
+    assert len(journal.read_text().splitlines()) == 1  # the reasoning only: the content is canonical
+
+    restarted = PromptMemory(tok, journal=journal)
+    history = prompt + reasoning + THINK_END + content + EOS + "<｜User｜>And then?<｜Assistant｜><think>"
+    expected = [*tok.encode(prompt), *out, *tok.encode("<｜User｜>And then?<｜Assistant｜><think>")]
+    assert restarted.encode(history) == expected
+    assert restarted.encode(history, limit=len(expected)) == expected
+    with pytest.raises(TooManyTokens):
+        restarted.encode(history, limit=len(expected) - 1)
+    # the same words typed inside a longer segment are not the model's segment: tokenised as usual
+    assert restarted.encode("<｜User｜>" + reasoning + "!") == tok.encode("<｜User｜>" + reasoning + "!")
+    journal.write_text(journal.read_text() + '{"torn": \n')  # a crash mid-write: the line is skipped
+    assert PromptMemory(tok, journal=journal).encode(history) == expected
 
 
 def test_prompt_memory_500kb_history_tokenises_only_the_new_turn() -> None:

@@ -25,16 +25,29 @@ precedes it can match.
 A recorded text is used only where the cut it makes is one the tokenizer makes anyway: the remainder starts
 with, or the recorded text ends with, an added token (special and markup tokens are split out of the text
 before BPE runs), so the only non-canonical ids in a prompt are the ones the model sampled itself.
+
+Whole histories are too large to keep across a restart, but only the model's own non-canonical spellings
+need to be: each run of sampled ids between added tokens whose text the tokenizer would spell otherwise
+is remembered (text -> ids) and, with a ``journal`` in the session directory, appended to it and replayed
+at start-up. A prompt's segment between added tokens that equals such a text takes those ids; so after a
+restart a history still tokenises to the ids the restored checkpoints hold.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
 import threading
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from dsv4.chat.tokenizer import ChatTokenizer, TooManyTokens
+
+log = logging.getLogger("dsv4.server")
 
 # Characters of recorded text kept (least recently used first out). Each entry holds a whole rendered
 # history, a few bytes a character, plus its ids at 4 bytes each (about one per 3-4 characters): 64M
@@ -43,6 +56,14 @@ from dsv4.chat.tokenizer import ChatTokenizer, TooManyTokens
 PROMPT_MEMORY_CHARS = 64 * 2**20
 # Entries kept whatever their size: a lookup compares the new prompt with each of them (a linear scan).
 PROMPT_MEMORY_ENTRIES = 4096
+# Sampled spellings kept: texts of up to a few hundred characters each, only the non-canonical ones.
+SPELLING_MEMORY = 65536
+# The spellings' journal is rewritten from what is remembered once it holds this many times more lines.
+JOURNAL_COMPACT_FACTOR = 2
+
+
+def _line(text: str, ids: Sequence[int]) -> str:
+    return json.dumps({"text": text, "ids": list(ids)}, ensure_ascii=False) + "\n"
 
 
 class PromptMemory:
@@ -57,7 +78,11 @@ class PromptMemory:
     """
 
     def __init__(
-        self, tokenizer: ChatTokenizer, max_chars: int = PROMPT_MEMORY_CHARS, max_entries: int = PROMPT_MEMORY_ENTRIES
+        self,
+        tokenizer: ChatTokenizer,
+        max_chars: int = PROMPT_MEMORY_CHARS,
+        max_entries: int = PROMPT_MEMORY_ENTRIES,
+        journal: Path | None = None,
     ) -> None:
         self._tokenizer = tokenizer
         self._max_chars = max_chars
@@ -66,6 +91,15 @@ class PromptMemory:
         self._entries: OrderedDict[str, array[int]] = OrderedDict()
         self._chars = 0
         self._lock = threading.Lock()
+        added = {tokenizer.tokenizer.token_to_id(text) for text in self._cuts}
+        self._added_ids = frozenset(i for i in added if i is not None)
+        # longest first, so that an added token that contains another is split out whole
+        self._split = re.compile("|".join(re.escape(c) for c in sorted(self._cuts, key=len, reverse=True)) or "(?!)")
+        self._spellings: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._journal = journal
+        if journal is not None:
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            self._replay(journal)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -82,6 +116,12 @@ class PromptMemory:
         if limit is not None and len(ids) > limit:  # the rest is not worth tokenising
             raise TooManyTokens(len(ids) + (length < len(text)), limit, exact=length == len(text))
         if length == len(text):
+            return ids
+        spelled = self._spelled_segments(text, length)
+        if spelled:
+            ids += self._encode_spelled(text, length, spelled)
+            if limit is not None and len(ids) > limit:
+                raise TooManyTokens(len(ids), limit)
             return ids
         if limit is None:
             return ids + self._tokenizer.encode(text[length:])
@@ -102,6 +142,39 @@ class PromptMemory:
                         self._entries.move_to_end(prefix)
                 return len(prefix), ids.tolist()
         return None
+
+    def _spelled_segments(self, text: str, start: int) -> list[tuple[int, int, tuple[int, ...]]]:
+        """(start, end, ids) of the segments of ``text[start:]`` between added tokens that the model spelled
+        its own way, each cut where the tokenizer cuts anyway."""
+        if not self._spellings:
+            return []
+        found = []
+        with self._lock:
+            for begin, end in self._segments(text, start):
+                ids = self._spellings.get(text[begin:end])
+                if ids is not None and self._clean_cut(text, begin) and self._clean_cut(text, end):
+                    found.append((begin, end, ids))
+        return found
+
+    def _segments(self, text: str, start: int) -> Iterator[tuple[int, int]]:
+        begin = start
+        for cut in self._split.finditer(text, start):
+            if cut.start() > begin:
+                yield begin, cut.start()
+            begin = cut.end()
+        if begin < len(text):
+            yield begin, len(text)
+
+    def _encode_spelled(self, text: str, start: int, spelled: list[tuple[int, int, tuple[int, ...]]]) -> list[int]:
+        ids: list[int] = []
+        for begin, end, spelling in spelled:
+            if begin > start:
+                ids += self._tokenizer.encode(text[start:begin])
+            ids += spelling
+            start = end
+        if start < len(text):
+            ids += self._tokenizer.encode(text[start:])
+        return ids
 
     def _clean_cut(self, text: str, at: int) -> bool:
         """Whether the tokenizer itself cuts ``text`` at ``at``: its end, or next to an added token."""
@@ -148,3 +221,59 @@ class PromptMemory:
         except UnicodeDecodeError:
             return
         self.remember(prompt_text + text, [*prompt_ids, *ids])
+        self._remember_spellings(ids)
+
+    def _runs(self, ids: list[int]) -> Iterator[list[int]]:
+        """The runs of ``ids`` between added tokens."""
+        run: list[int] = []
+        for token_id in ids:
+            if token_id in self._added_ids:
+                if run:
+                    yield run
+                run = []
+            else:
+                run.append(token_id)
+        if run:
+            yield run
+
+    def _remember_spellings(self, ids: list[int]) -> None:
+        """Keep (and journal) each run of sampled ids whose text the tokenizer would spell otherwise."""
+        table = self._tokenizer.token_bytes
+        lines = []
+        for run in self._runs(ids):
+            try:
+                text = b"".join(table[i] for i in run).decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            if self._split.search(text) or self._tokenizer.encode(text) == run:
+                continue  # canonical (or not a whole segment): tokenising it again gives these ids
+            self._spell(text, tuple(run))
+            lines.append(_line(text, run))
+        if self._journal is not None and lines:
+            try:
+                with self._journal.open("a", encoding="utf-8") as f:
+                    f.writelines(lines)
+            except OSError as error:  # a full disk costs the memory across restarts, never the request
+                log.warning("%s: sampled spellings not journaled: %s", self._journal, error)
+
+    def _spell(self, text: str, ids: tuple[int, ...]) -> None:
+        with self._lock:
+            self._spellings[text] = ids
+            self._spellings.move_to_end(text)
+            while len(self._spellings) > SPELLING_MEMORY:
+                self._spellings.popitem(last=False)
+
+    def _replay(self, journal: Path) -> None:
+        if not journal.is_file():
+            return
+        lines = journal.read_text(encoding="utf-8", errors="replace").splitlines()
+        for line in lines:
+            try:
+                record = json.loads(line)
+                self._spell(str(record["text"]), tuple(int(i) for i in record["ids"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s: skipping an unreadable line", journal)
+        if len(lines) > JOURNAL_COMPACT_FACTOR * max(1, len(self._spellings)):
+            scratch = journal.with_suffix(".tmp")
+            scratch.write_text("".join(_line(t, i) for t, i in self._spellings.items()), encoding="utf-8")
+            os.replace(scratch, journal)

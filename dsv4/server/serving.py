@@ -60,6 +60,8 @@ REASONING_MEMORY_CHARS = 16 * 2**20
 RETRY_AFTER_SECONDS = 1
 # The tool-call memory's journal, in the session directory (next to the engine's checkpoints).
 TOOL_CALL_JOURNAL = "server/tool_calls.jsonl"
+# The prompt memory's journal of the model's own spellings of its outputs (see ``PromptMemory``).
+SPELLING_JOURNAL = "server/sampled_spellings.jsonl"
 JOURNAL_COMPACT_FACTOR = 4
 # Bodies larger than this are parsed, validated and rendered in a worker thread rather than on the event
 # loop, so that /health and the open streams are never held up by another request's JSON.
@@ -317,9 +319,9 @@ class Backend:
         self.engine = engine
         self.config = config
         self.metrics = ServerMetrics(engine)
-        journal = config.session_dir / TOOL_CALL_JOURNAL if config.session_dir is not None else None
-        self.tool_calls = ToolCallMemory(journal=journal)
-        self.prompts = PromptMemory(engine.tokenizer)
+        session = config.session_dir
+        self.tool_calls = ToolCallMemory(journal=session / TOOL_CALL_JOURNAL if session else None)
+        self.prompts = PromptMemory(engine.tokenizer, journal=session / SPELLING_JOURNAL if session else None)
         # no token stands for more bytes than this (nor characters: a character is at least one byte), so a
         # text of more than max_model_len * this characters cannot fit, and is refused without tokenising it
         self._max_token_chars = max(1, max(map(len, engine.tokenizer.token_bytes), default=1))
