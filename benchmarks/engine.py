@@ -18,13 +18,27 @@ transformers runs contexts up to ``--hf-max-context`` and prefills in chunks of 
 own cache: its attention materialises dense [queries x context] scores, which for a one-shot 32K prefill
 would need tens of GB. Both engines compute in fp32 without quantisation simulation, which is what
 transformers computes.
+
+``--peer llama.cpp`` adds llama.cpp (through ``llama-cpp-python``, the ``llamacpp`` extra) at the same
+contexts in the same process run: the checkpoint is converted to a GGUF F32 file with the converter of the
+llama.cpp that llama-cpp-python vendors (``--llama-convert``: its ``convert_hf_to_gguf.py``, with the
+``gguf-py`` beside it; the wheel does not ship it), then run in its exact config (F32 KV cache, flash
+attention off - the only one that matches the reference within tolerance) and in its defaults (F16 KV, flash
+attention on). The converter does not know the random checkpoint's byte-level test tokenizer, so it is told
+to treat it as DeepSeek-V3's pre-tokenizer; the benchmark feeds token ids, so the vocabulary's text plays no
+part. ``--profile`` prints where a batch-1 decode step's time goes (torch.profiler) instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -115,6 +129,132 @@ def bench_hf(path: Path, context: int, decode: int, chunk: int) -> dict[str, flo
     return {"prefill": context / prefill, "decode": decode / single}
 
 
+def convert_to_gguf(path: Path, converter: Path, out: Path) -> Path:
+    """``path`` converted to a GGUF F32 file by llama.cpp's own converter, in a child process (it imports
+    its vendored ``gguf`` and ``conversion`` packages, which must not shadow anything in this one)."""
+    root = converter.resolve().parent
+    shim = (
+        "import runpy, sys\n"
+        f"sys.path[:0] = [{str(root)!r}, {str(root / 'gguf-py')!r}]\n"
+        "import conversion.base as base\n"
+        # the random checkpoint's test tokenizer is not one the converter recognises by hash
+        "base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'deepseek-v3'\n"
+        f"sys.argv = ['convert_hf_to_gguf.py', {str(path)!r}, '--outtype', 'f32', '--outfile', {str(out)!r}]\n"
+        f"runpy.run_path({str(converter)!r}, run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", shim], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{done.stderr[-3000:]}")
+    return out
+
+
+LLAMA_CONFIGS = {"llama.cpp exact": (0, False), "llama.cpp default": (1, True)}  # (KV ggml type, flash attn)
+
+
+def bench_llama_cpp(gguf: Path, context: int, decode: int, threads: int, kv_type: int, flash: bool) -> dict[str, float]:
+    """llama.cpp's prefill of the same prompt (2048-token batches, 512-token micro-batches, as its own
+    batched-bench) and its batch-1 greedy decode right after it, on ``threads`` threads."""
+    import llama_cpp.llama_cpp as binding
+    import numpy as np
+    from llama_cpp import Llama
+
+    # On this AMX CPU a native build puts weights in ggml's AMX/repack buffer types, whose backend supports
+    # none of the ops V4's graph runs on them (graph reserve aborts: GGML_ASSERT(*cur_backend_id != -1));
+    # llama.cpp's tools turn them off with --no-repack, the Python binding only through the model params.
+    defaults = binding.llama_model_default_params
+
+    def model_params() -> binding.llama_model_params:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    binding.llama_model_default_params = model_params
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=context + decode + 16,
+        n_batch=2048,
+        n_ubatch=512,
+        n_threads=threads,
+        n_threads_batch=threads,
+        flash_attn=flash,
+        type_k=kv_type,
+        type_v=kv_type,
+        verbose=False,
+    )
+    prompt = torch.randint(2, llm.n_vocab(), (context,), generator=torch.Generator().manual_seed(0)).tolist()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(decode):
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+        llm.eval([int(logits.argmax())])
+    single = time.perf_counter() - start
+    llm.close()
+    binding.llama_model_default_params = defaults
+    return {"prefill": context / prefill, "decode": decode / single}
+
+
+def _record(owner: object, name: str, label: str) -> None:
+    """Wrap ``owner.name`` in a profiler range called ``label``."""
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def recorded(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    setattr(owner, name, recorded)
+
+
+def _label_regions() -> None:
+    """Name the parts of a decode step for the profiler (this process only; the model is not changed)."""
+    from dsv4.model import attention, compressor, hyper, indexer, moe, norm, rope, transformer
+    from dsv4.numerics import gemm
+
+    _record(gemm, "_run_kernel", "GEMM kernels (FP8/FP4/bf16 weights)")
+    for fn in ("hc_pre", "hc_post", "hc_head"):
+        _record(transformer, fn, f"mHC {fn}")
+    _record(hyper, "_normalize", "mHC Sinkhorn iterations")
+    _record(norm.RMSNorm, "forward", "RMSNorm")
+    _record(attention, "head_rms_normalize", "query head RMS norm")
+    _record(rope.Rotary, "rotate", "RoPE")
+    _record(attention.Attention, "forward", "attention (all of it)")
+    _record(attention.Attention, "_gather_decode", "attention: cache reads and writes")
+    _record(attention, "sparse_attention_on_keys", "attention: sparse core")
+    _record(indexer.Indexer, "select_group", "indexer top-k")
+    _record(compressor.Compressor, "pool_group", "compressor pooling")
+    _record(moe.MoE, "forward", "MoE (all of it)")
+    _record(transformer.Transformer, "forward", "model forward")
+
+
+def profile_decode(path: Path, context: int, decode: int) -> None:
+    """Prefill one ``context``-token prompt, then profile ``decode`` batch-1 steps: per labelled region its
+    inclusive time and calls per step, and the number of aten ops a step dispatches."""
+    llm = LLM(
+        path, "fp32_nosim", max_num_seqs=1, num_blocks=layout.blocks_for(context + 3 * decode + 1), progress=False
+    )
+    prompt = torch.randint(2, llm.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
+    seq = llm._requests[llm.add_request(prompt.tolist(), SamplingParams(max_tokens=3 * decode, ignore_eos=True))]
+    _step_until(llm, lambda: len(seq.output_ids) >= 1 + decode)  # warm-up, compiles included
+    start = time.perf_counter()
+    _step_until(llm, lambda: len(seq.output_ids) >= 1 + 2 * decode)
+    plain = (time.perf_counter() - start) / decode
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _step_until(llm, lambda: len(seq.output_ids) >= 1 + 3 * decode)
+    events = prof.key_averages()
+    ops = sum(e.count for e in events if e.key.startswith("aten::"))
+    print(f"\ncontext {context}: decode step {1000 * plain:.1f} ms unprofiled, {ops / decode:.0f} aten ops per step")
+    print("| region | ms per step (profiled, inclusive) | calls per step |\n|---|---|---|")
+    for e in sorted(events, key=lambda e: -e.cpu_time_total):
+        if not e.key.startswith(("aten::", "ProfilerStep", "detach")):
+            print(f"| {e.key} | {e.cpu_time_total / 1000 / decode:.2f} | {e.count / decode:.0f} |")
+    print("top aten ops by self time:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]:
+        if e.key.startswith("aten::"):
+            print(f"  {e.key}: {e.self_cpu_time_total / 1000 / decode:.2f} ms, {e.count / decode:.0f} calls per step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="2048,8192,32768,131072", help="comma-separated prompt lengths")
@@ -126,7 +266,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--model", type=Path, help="an fp32-servable checkpoint (default: a random --config one)")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small", help="random checkpoint's config")
+    parser.add_argument(
+        "--peer",
+        action="append",
+        choices=["transformers", "llama.cpp"],
+        help="peers to run (repeatable; default transformers)",
+    )
+    parser.add_argument(
+        "--llama-convert",
+        type=Path,
+        default=os.environ.get("LLAMA_CPP_CONVERT"),
+        help="llama.cpp's convert_hf_to_gguf.py (default: $LLAMA_CPP_CONVERT)",
+    )
+    parser.add_argument("--profile", action="store_true", help="profile batch-1 decode steps at each context")
     args = parser.parse_args()
+    peers = args.peer or ["transformers"]
     if args.threads:
         torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -140,31 +294,48 @@ def main() -> None:
             f"config: {args.model or args.config}, torch threads: {torch.get_num_threads()}, decode tokens: "
             f"{args.decode_tokens}, concurrency: {args.concurrency}, dsv4 chunk: {args.chunk_size}"
         )
+        if args.profile:
+            _label_regions()
+            for context in contexts:
+                profile_decode(path, context, args.decode_tokens)
+            return
+        gguf = None
+        if "llama.cpp" in peers:
+            if args.llama_convert is None:
+                parser.error("--peer llama.cpp needs --llama-convert (llama.cpp's convert_hf_to_gguf.py)")
+            gguf = convert_to_gguf(path, args.llama_convert, Path(tmp) / "model-f32.gguf")
         steps: dict[int, float] = {}
-        header = f"{'context':>8} | {'engine':<12} | {'prefill tok/s':>13} | {'decode tok/s':>12} | {'aggregate':>9}"
+        header = f"{'context':>8} | {'engine':<22} | {'prefill tok/s':>13} | {'decode tok/s':>12} | {'aggregate':>9}"
         print(header + "\n" + "-" * len(header))
         for context in contexts:
             ours = bench_dsv4(path, context, args.decode_tokens, args.concurrency, args.chunk_size)
             steps[context] = 1000 / ours["decode"]
             print(
-                f"{context:>8} | {'dsv4':<12} | {ours['prefill']:>13.1f} | {ours['decode']:>12.2f} | "
+                f"{context:>8} | {'dsv4':<22} | {ours['prefill']:>13.1f} | {ours['decode']:>12.2f} | "
                 f"{ours['aggregate']:>9.2f}   (aggregate {ours['aggregate'] / ours['decode']:.2f}x batch-1, "
                 f"decode step {steps[context]:.1f} ms)",
                 flush=True,
             )
-            if context > args.hf_max_context:
-                continue
-            theirs = bench_hf(path, context, args.decode_tokens, args.hf_chunk)
-            print(
-                f"{context:>8} | {'transformers':<12} | {theirs['prefill']:>13.1f} | {theirs['decode']:>12.2f} | "
-                f"{'-':>9}"
-            )
-            print(
-                f"{context:>8} | {'ratio':<12} | {ours['prefill'] / theirs['prefill']:>12.2f}x | "
-                f"{ours['decode'] / theirs['decode']:>11.2f}x | "
-                f"{ours['aggregate'] / theirs['decode']:>8.2f}x",
-                flush=True,
-            )
+            runs: dict[str, Callable[[], dict[str, float]]] = {}
+            if "transformers" in peers and context <= args.hf_max_context:
+                runs["transformers"] = functools.partial(bench_hf, path, context, args.decode_tokens, args.hf_chunk)
+            if gguf is not None:
+                for name, (kv_type, flash) in LLAMA_CONFIGS.items():
+                    runs[name] = functools.partial(
+                        bench_llama_cpp, gguf, context, args.decode_tokens, torch.get_num_threads(), kv_type, flash
+                    )
+            for name, run in runs.items():
+                theirs = run()
+                print(
+                    f"{context:>8} | {name:<22} | {theirs['prefill']:>13.1f} | {theirs['decode']:>12.2f} | "
+                    f"{'-':>9}   (decode step {1000 / theirs['decode']:.1f} ms)"
+                )
+                print(
+                    f"{context:>8} | {'dsv4 / ' + name:<22} | {ours['prefill'] / theirs['prefill']:>12.2f}x | "
+                    f"{ours['decode'] / theirs['decode']:>11.2f}x | "
+                    f"{ours['aggregate'] / theirs['decode']:>8.2f}x",
+                    flush=True,
+                )
         for long in sorted(steps):
             for short in sorted(steps):
                 if short < long and short >= 8192:
