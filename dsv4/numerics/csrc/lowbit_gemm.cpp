@@ -617,9 +617,12 @@ void run(const Problem& p, bool avx512) {
   }
 #endif
   // Weight rows per task: a multiple of 32 (strips never straddle tasks); 512 rows reuse each packed
-  // activation tile across 16 strips. Activation rows per task: a multiple of MR.
-  const int64_t nc = p.M <= 16 ? 64 : 512, mc = 192;
-  const int64_t tn = (p.N + nc - 1) / nc, tm = (p.M + mc - 1) / mc;
+  // activation tile across 16 strips, fewer leave enough tasks to balance the threads. Activation rows per
+  // task: a multiple of MR. (The arithmetic does not depend on either.)
+  const int64_t mc = 192, tm = (p.M + mc - 1) / mc;
+  int64_t nc = 512;
+  while (nc > 64 && tm * ((p.N + nc - 1) / nc) < 4 * at::get_num_threads()) nc /= 2;
+  const int64_t tn = (p.N + nc - 1) / nc;
   at::parallel_for(0, tn * tm, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t n0 = t / tm * nc, m0 = t % tm * mc;
