@@ -133,25 +133,40 @@ struct Chunk {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// Portable path: the panel schedule in plain C++ (std::fma is one IEEE fused multiply-add).
+// Portable path: the panel schedule in plain C++ (std::fma is one IEEE fused multiply-add). On x86 the hot
+// loops are also compiled for AVX2 + FMA (chosen at load time), where std::fma is an instruction; elsewhere
+// it may be a library call, exact but slow.
 
-float decode_portable(const Problem& p, int64_t n, int64_t k) {
-  if (p.fmt == FP8) return fp8_table.v[p.w[n * p.K + k]];
-  if (p.fmt == FP4) {
-    const uint8_t b = p.w[n * (p.K / 2) + k / 2];
-    return fp4_values[(k & 1) ? b >> 4 : b & 0xF];
-  }
-  uint16_t h;
-  std::memcpy(&h, p.w + 2 * (n * p.K + k), 2);
-  return bits_to_float(uint32_t(h) << 16);
-}
+#if DSV4_X86
+#define PORTABLE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define PORTABLE_CLONES
+#endif
 
-void fill_portable(const Problem& p, const Chunk& c) {
+PORTABLE_CLONES void fill_portable(const Problem& p, const Chunk& c) {
   for (int64_t s = 0; s < c.strips(); ++s)
     for (int r = 0; r < NR; ++r) {
       const int64_t n = c.n0 + s * NR + r;
-      for (int64_t kk = 0; kk < c.kcur; ++kk)
-        c.panel[(s * KC + kk) * NR + r] = n < p.N ? decode_portable(p, n, c.k0 + kk) : 0.0f;
+      float* out = c.panel + s * KC * NR + r;
+      if (n >= p.N) {
+        for (int64_t kk = 0; kk < c.kcur; ++kk) out[kk * NR] = 0.0f;
+      } else if (p.fmt == FP8) {
+        const uint8_t* w = p.w + n * p.K + c.k0;
+        for (int64_t kk = 0; kk < c.kcur; ++kk) out[kk * NR] = fp8_table.v[w[kk]];
+      } else if (p.fmt == FP4) {
+        const uint8_t* w = p.w + n * (p.K / 2) + c.k0 / 2;
+        for (int64_t kk = 0; kk < c.kcur; kk += 2) {
+          out[kk * NR] = fp4_values[w[kk / 2] & 0xF];
+          out[(kk + 1) * NR] = fp4_values[w[kk / 2] >> 4];
+        }
+      } else {
+        const uint8_t* w = p.w + 2 * (n * p.K + c.k0);
+        for (int64_t kk = 0; kk < c.kcur; ++kk) {
+          uint16_t h;
+          std::memcpy(&h, w + 2 * kk, 2);
+          out[kk * NR] = bits_to_float(uint32_t(h) << 16);
+        }
+      }
     }
 }
 
@@ -173,7 +188,7 @@ void pack_x_portable(const Problem& p, const Chunk& c) {
   }
 }
 
-void micro_portable(const Problem& p, const Chunk& c, int64_t m0, int rows_m, int64_t strip) {
+PORTABLE_CLONES void micro_portable(const Problem& p, const Chunk& c, int64_t m0, int rows_m, int64_t strip) {
   const float* panel = c.panel + strip * KC * NR;
   const int64_t nbase = c.n0 + strip * NR;
   const int lanes = int(std::min<int64_t>(NR, p.N - nbase));
