@@ -281,6 +281,8 @@ def test_empty_and_mismatched_shapes() -> None:
         gemm.fp8_linear(torch.zeros(1, 256), torch.ones(1, 3), weight, scale)
     with pytest.raises(ValueError, match="fp32"):
         gemm.fp8_linear(torch.zeros(1, 256, dtype=torch.bfloat16), None, weight, scale)
+    with pytest.raises(ValueError, match="e8m0"):
+        gemm.fp8_linear(torch.zeros(1, 256), None, weight, scale.float())
 
 
 def test_non_contiguous_activations() -> None:

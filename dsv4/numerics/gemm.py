@@ -2,10 +2,11 @@
 
 The official ``fp8_gemm`` / ``fp4_gemm`` (spec §9.3) form one fp32 partial sum per K-block (128 columns for
 FP8 weights, 32 for FP4 weights), scale it by activation scale x weight scale (both powers of two, so the
-scaling is exact) and add it to an fp32 accumulator block by block in increasing k. Reproducing that order is
-what makes the simulated modes bit-identical to the reference (issue #15); computing on the compact weights is
-what keeps a real checkpoint's memory at its own size (issue #11): no dense fp32 copy of a weight is kept,
-only a bounded scratch of dequantised row tiles.
+scaling is exact) and add it to an fp32 accumulator block by block in increasing k. One fp32 GEMM over the
+dequantised weight rounds differently, and an ulp there can flip a bf16 output (issue #15); within a block the
+reference's order is its tensor cores' own, so there every implementation picks one. Computing on the compact
+weights keeps a real checkpoint's memory at its own size (issue #11): no dense fp32 copy of a weight is kept,
+only a bounded scratch of decoded tiles.
 
 All three functions take fp32 activations ``x`` [M, K] and return fp32 [M, N]; rounding to the activation
 dtype is the caller's. On CPU they run a C++ kernel (``csrc/lowbit_gemm.cpp``, AVX-512 with a portable
@@ -121,7 +122,8 @@ def _run_kernel(
 ) -> torch.Tensor:
     """Call the compiled kernel on contiguous CPU tensors (ctypes releases the GIL for the call).
 
-    ``isa`` forces 'portable' (tests compare it with AVX-512); by default the best this CPU runs."""
+    ``isa`` forces 'portable' (tests compare it with AVX-512); by default the kernel runs AVX-512 where the
+    CPU has it."""
     x = x.contiguous()
     xs = x_scale.contiguous() if x_scale is not None else None
     w = weight.contiguous()
@@ -129,10 +131,9 @@ def _run_kernel(
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
     if m and n and k:
-        code = _ISA[isa] if isa is not None else lib.dsv4_gemm_best_isa()
         lib.dsv4_gemm(
             _FMT[fmt],
-            code,
+            _ISA[isa or "avx512"],
             x.data_ptr(),
             xs.data_ptr() if xs is not None else None,
             w.data_ptr(),
@@ -163,6 +164,12 @@ def _check(x: torch.Tensor, x_scale: torch.Tensor | None, k: int) -> None:
         want = (x.shape[0], -(-k // ACT_BLOCK))
         if x_scale.dtype != torch.float32 or tuple(x_scale.shape) != want:
             raise ValueError(f"x_scale must be fp32 {want}, got {x_scale.dtype} {tuple(x_scale.shape)}")
+
+
+def _check_scale(scale: torch.Tensor, want: tuple[int, int]) -> None:
+    """e8m0 scales (or their raw bytes) of the expected shape: the kernel reads them as bytes."""
+    if scale.dtype not in (torch.float8_e8m0fnu, torch.uint8) or tuple(scale.shape) != want:
+        raise ValueError(f"scale must be float8_e8m0fnu {want}, got {scale.dtype} {tuple(scale.shape)}")
 
 
 def _row_tile(n: int, k: int, m: int, n_blocks: int, align: int) -> int:
@@ -259,9 +266,7 @@ def fp8_linear(
         raise ValueError(f"weight must be float8_e4m3fn [N, K], got {weight.dtype} {tuple(weight.shape)}")
     n, k = weight.shape
     _check(x, x_scale, k)
-    want = (-(-n // FP8_WEIGHT_BLOCK), -(-k // FP8_WEIGHT_BLOCK))
-    if tuple(scale.shape) != want:
-        raise ValueError(f"scale must be {want}, got {tuple(scale.shape)}")
+    _check_scale(scale, (-(-n // FP8_WEIGHT_BLOCK), -(-k // FP8_WEIGHT_BLOCK)))
     lib = kernel_library() if x.device.type == "cpu" else None
     if lib is not None:
         return _run_kernel(lib, "fp8", x, x_scale, weight, scale, n)
@@ -283,8 +288,7 @@ def fp4_linear(
     if k % FP4_WEIGHT_BLOCK:
         raise ValueError(f"FP4 weight K={k} is not a multiple of {FP4_WEIGHT_BLOCK}")
     _check(x, x_scale, k)
-    if tuple(scale.shape) != (n, k // FP4_WEIGHT_BLOCK):
-        raise ValueError(f"scale must be {(n, k // FP4_WEIGHT_BLOCK)}, got {tuple(scale.shape)}")
+    _check_scale(scale, (n, k // FP4_WEIGHT_BLOCK))
     lib = kernel_library() if x.device.type == "cpu" else None
     if lib is not None:
         return _run_kernel(lib, "fp4", x, x_scale, weight, scale, n)

@@ -13,13 +13,14 @@
 // Two schedules compute that same arithmetic:
 // * panel (any M): a chunk of 128 k of up to 512 weight rows is decoded into an fp32 "panel" [k][32 rows] in
 //   cache and reused by every activation row; a 12-row x 32-feature microkernel broadcasts x[m, k].
-// * fused (AVX-512, M <= 4, decode): the transposed bytes are decoded right before their FMAs, nothing fp32
-//   is stored, and up to 128 rows run side by side so that enough independent chains hide the FMA latency.
+// * fused (AVX-512, M <= 16, decode): the transposed bytes of 16 (FP4 with M = 1: 32) weight rows are decoded
+//   right before their FMAs and nothing fp32 is stored; few rows at a time keep the number of memory streams
+//   small, which measured faster than more independent chains.
 //
 // FP8 values are decoded to fp16 bit patterns (sign, exponent, mantissa shifted into place), which are the
 // e4m3 value times 2^-8 (subnormals included), and the activations are multiplied by 2^8: each product
 // (2^8 x) (2^-8 w) is then the same real number as x w, so every rounding is the same, as long as 2^8 x does
-// not overflow (|x| < 2^120).
+// not overflow (|x| < 2^120). The two e4m3 NaN codes decode as +-480 (checkpoints hold none).
 
 #include <ATen/Parallel.h>
 
