@@ -235,7 +235,7 @@ def profile_decode(path: Path, context: int, decode: int) -> None:
         path, "fp32_nosim", max_num_seqs=1, num_blocks=layout.blocks_for(context + 3 * decode + 1), progress=False
     )
     prompt = torch.randint(2, llm.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
-    seq = llm._requests[llm.add_request(prompt.tolist(), SamplingParams(max_tokens=3 * decode, ignore_eos=True))]
+    seq = llm._requests[llm.add_request(prompt.tolist(), SamplingParams(max_tokens=3 * decode + 1, ignore_eos=True))]
     _step_until(llm, lambda: len(seq.output_ids) >= 1 + decode)  # warm-up, compiles included
     start = time.perf_counter()
     _step_until(llm, lambda: len(seq.output_ids) >= 1 + 2 * decode)
