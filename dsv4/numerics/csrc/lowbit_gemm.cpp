@@ -490,6 +490,13 @@ AVX512 void fused_avx512(const Problem& p, const float* xk, int64_t ldk, int64_t
     const int64_t kvalid = std::min<int64_t>(span, p.K - k0);
     const int bytes = int(F == FP8 ? kvalid : F == FP4 ? kvalid / 2 : 2 * kvalid);
     const int64_t col = F == FP8 ? k0 : F == FP4 ? k0 / 2 : 2 * k0;
+    // Short rows (V4's K = 1024) make tasks short: start the next task's rows (the next rows in memory)
+    // on their way to L2, one row per segment.
+    const int64_t next = n0 + 16 * G + k0 / span;
+    if (k0 / span < 16 && next < p.N) {
+      _mm_prefetch(reinterpret_cast<const char*>(p.w + next * p.row_bytes()), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(p.w + next * p.row_bytes() + 64), _MM_HINT_T1);
+    }
     __m512i scale_bytes[G];
     for (int g = 0; g < G; ++g) {
       __m512i r[16];
