@@ -144,8 +144,8 @@ def fp4_values(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor,
 
 # --- exactness -------------------------------------------------------------------------------------------------
 
-FP8_SHAPES = [(1, 300, 200), (3, 129, 384), (17, 256, 130), (300, 40, 160), (2, 17, 64), (4, 70, 520)]
-FP4_SHAPES = [(1, 300, 256), (3, 129, 96), (17, 40, 160), (300, 24, 128), (4, 33, 64), (2, 70, 512)]
+FP8_SHAPES = [(1, 300, 200), (3, 129, 384), (17, 256, 130), (300, 40, 160), (2, 17, 64), (4, 70, 520), (16, 50, 256)]
+FP4_SHAPES = [(1, 300, 256), (3, 129, 96), (17, 40, 160), (300, 24, 128), (4, 33, 64), (2, 70, 512), (9, 40, 224)]
 ISAS = ["avx512", "portable"] if gemm.kernel_isa() == "avx512" else ["portable"]
 
 
@@ -235,8 +235,8 @@ def test_official_gemm_vectors_bit_identical(path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp4", "bf16"])
 def test_rows_do_not_depend_on_the_batch(fmt: str) -> None:
-    """Each row of an M=300 call equals the same row computed alone (M=1: the decode schedule) and in
-    batches of 3 and 17, at one and two threads."""
+    """Each row of an M=300 call (the panel schedule) equals the same row computed alone and in batches of
+    3, 8 and 16 (the fused decode schedule) and 17, at one and two threads."""
     g = torch.Generator().manual_seed(7)
     n, k = 200, 512
     x, sx = activations(300, k, fmt != "bf16", g)
@@ -258,7 +258,7 @@ def test_rows_do_not_depend_on_the_batch(fmt: str) -> None:
     full = run(slice(None))
     for i in (0, 1, 5, 150, 299):
         assert_bits_equal(run(slice(i, i + 1)), full[i : i + 1])
-    for start, size in ((10, 3), (40, 17), (283, 17)):
+    for start, size in ((10, 3), (20, 8), (100, 16), (40, 17), (283, 17)):
         assert_bits_equal(run(slice(start, start + size)), full[start : start + size])
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
