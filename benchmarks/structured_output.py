@@ -24,7 +24,7 @@ from tokenizers import decoders as token_decoders
 
 from dsv4.chat.grammar import completion_grammar
 from dsv4.chat.tokenizer import CONTROL_TOKENS, MARKUP_TOKENS, ChatTokenizer
-from dsv4.engine.constraint import GrammarConstraint, allowed_tokens, compiler_for
+from dsv4.engine.constraint import GrammarConstraint, compiler_for, token_bitmask
 from dsv4.engine.sampler import Sampler, SamplingState
 from dsv4.engine.sampling import SamplingParams
 from dsv4.tiny import cache_dir
@@ -144,7 +144,7 @@ def mask_overhead(tokenizer: ChatTokenizer, steps: int) -> None:
             logits = torch.randn(batch, V4_VOCAB)
             free = [SamplingState(SamplingParams(), []) for _ in range(batch)]
             held = [SamplingState(SamplingParams(), [], constraint=c) for c in constraints]
-            mask = _time(lambda c=constraints, x=logits: allowed_tokens(c, V4_VOCAB, x.device), steps)
+            mask = _time(lambda c=constraints: token_bitmask(c, V4_VOCAB), steps)
             plain = _time(lambda s=free, x=logits: sampler(x, s), steps)
             masked = _time(lambda s=held, x=logits: sampler(x, s), steps)
             print(

