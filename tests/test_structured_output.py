@@ -411,3 +411,26 @@ def test_constrained_and_free_sequences_share_steps_unchanged(small_checkpoint: 
         message = check_calls([together[i]], {"get_weather"})[0]
         assert message.tool_calls
     assert EOS not in together[1].text
+
+
+def test_the_real_random_model_under_every_grammar(tiny_checkpoint: Path) -> None:
+    """The same promises with the real forward pass of a random checkpoint (its output is noise, so a valid
+    reply is the grammar's doing): 25 requests each for required, named, strict nested and json_schema,
+    all in one engine, batched. One call per reply: a random model given parallel calls may never stop
+    adding them."""
+    llm = LLM(tiny_checkpoint, "fp32_nosim", max_num_seqs=100, max_model_len=2048, progress=False)
+    tok = llm.tokenizer
+    one = {"tool_choice": "required", "parallel_tool_calls": False}
+    cases = [
+        (grammar(tok, tools=[WEATHER, LOOSE], **one), {"get_weather", "ping"}),
+        (grammar(tok, tools=[WEATHER, BOOKING], tool_choice="function", forced_tool="get_weather"), {"get_weather"}),
+        (grammar(tok, tools=[BOOKING, LOOSE], **one), {"book", "ping"}),
+        (grammar(tok, response_format=RESPONSE_FORMAT), set()),
+    ]
+    params = [SamplingParams(max_tokens=1500, seed=i, grammar=g) for g, _ in cases for i in range(25)]
+    outputs = llm.generate([PROMPT] * len(params), params)
+    for (_, names), group in zip(cases, [outputs[i : i + 25] for i in range(0, 100, 25)], strict=True):
+        messages = check_calls(group, names, require_call=bool(names))
+        if not names:
+            for message in messages:
+                jsonschema.validate(json.loads(message.content), ANSWER_SCHEMA)
