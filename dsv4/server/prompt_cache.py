@@ -35,19 +35,16 @@ restart a history still tokenises to the ids the restored checkpoints hold.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import re
 import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from dsv4.chat.tokenizer import ChatTokenizer, TooManyTokens
-
-log = logging.getLogger("dsv4.server")
+from dsv4.server.journal import Journal
 
 # Characters of recorded text kept (least recently used first out). Each entry holds a whole rendered
 # history, a few bytes a character, plus its ids at 4 bytes each (about one per 3-4 characters): 64M
@@ -58,12 +55,6 @@ PROMPT_MEMORY_CHARS = 64 * 2**20
 PROMPT_MEMORY_ENTRIES = 4096
 # Sampled spellings kept: texts of up to a few hundred characters each, only the non-canonical ones.
 SPELLING_MEMORY = 65536
-# The spellings' journal is rewritten from what is remembered once it holds this many times more lines.
-JOURNAL_COMPACT_FACTOR = 2
-
-
-def _line(text: str, ids: Sequence[int]) -> str:
-    return json.dumps({"text": text, "ids": list(ids)}, ensure_ascii=False) + "\n"
 
 
 class PromptMemory:
@@ -96,10 +87,10 @@ class PromptMemory:
         # longest first, so that an added token that contains another is split out whole
         self._split = re.compile("|".join(re.escape(c) for c in sorted(self._cuts, key=len, reverse=True)) or "(?!)")
         self._spellings: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self._journal = journal
-        if journal is not None:
-            journal.parent.mkdir(parents=True, exist_ok=True)
-            self._replay(journal)
+        self._journal = Journal(journal) if journal is not None else None
+        if self._journal is not None:
+            lines = self._journal.replay(self._read)
+            self._journal.compact(lines, len(self._spellings), self._records)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -239,7 +230,7 @@ class PromptMemory:
     def _remember_spellings(self, ids: list[int]) -> None:
         """Keep (and journal) each run of sampled ids whose text the tokenizer would spell otherwise."""
         table = self._tokenizer.token_bytes
-        lines = []
+        records = []
         for run in self._runs(ids):
             try:
                 text = b"".join(table[i] for i in run).decode("utf-8")
@@ -248,13 +239,9 @@ class PromptMemory:
             if self._split.search(text) or self._tokenizer.encode(text) == run:
                 continue  # canonical (or not a whole segment): tokenising it again gives these ids
             self._spell(text, tuple(run))
-            lines.append(_line(text, run))
-        if self._journal is not None and lines:
-            try:
-                with self._journal.open("a", encoding="utf-8") as f:
-                    f.writelines(lines)
-            except OSError as error:  # a full disk costs the memory across restarts, never the request
-                log.warning("%s: sampled spellings not journaled: %s", self._journal, error)
+            records.append({"text": text, "ids": run})
+        if self._journal is not None:
+            self._journal.append(records)
 
     def _spell(self, text: str, ids: tuple[int, ...]) -> None:
         with self._lock:
@@ -263,17 +250,8 @@ class PromptMemory:
             while len(self._spellings) > SPELLING_MEMORY:
                 self._spellings.popitem(last=False)
 
-    def _replay(self, journal: Path) -> None:
-        if not journal.is_file():
-            return
-        lines = journal.read_text(encoding="utf-8", errors="replace").splitlines()
-        for line in lines:
-            try:
-                record = json.loads(line)
-                self._spell(str(record["text"]), tuple(int(i) for i in record["ids"]))
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s: skipping an unreadable line", journal)
-        if len(lines) > JOURNAL_COMPACT_FACTOR * max(1, len(self._spellings)):
-            scratch = journal.with_suffix(".tmp")
-            scratch.write_text("".join(_line(t, i) for t, i in self._spellings.items()), encoding="utf-8")
-            os.replace(scratch, journal)
+    def _read(self, record: dict[str, Any]) -> None:
+        self._spell(str(record["text"]), tuple(int(i) for i in record["ids"]))
+
+    def _records(self) -> list[dict[str, Any]]:
+        return [{"text": text, "ids": list(ids)} for text, ids in self._spellings.items()]

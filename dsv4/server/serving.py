@@ -12,7 +12,6 @@ import contextvars
 import json
 import logging
 import math
-import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -42,6 +41,7 @@ from dsv4.server.engine_client import (
     SequenceRequest,
 )
 from dsv4.server.errors import APIError, bad_request
+from dsv4.server.journal import Journal
 from dsv4.server.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
 from dsv4.server.metrics import SequenceClock, ServerMetrics
 from dsv4.server.prompt_cache import PromptMemory
@@ -62,7 +62,6 @@ RETRY_AFTER_SECONDS = 1
 TOOL_CALL_JOURNAL = "server/tool_calls.jsonl"
 # The prompt memory's journal of the model's own spellings of its outputs (see ``PromptMemory``).
 SPELLING_JOURNAL = "server/sampled_spellings.jsonl"
-JOURNAL_COMPACT_FACTOR = 4
 # Bodies larger than this are parsed, validated and rendered in a worker thread rather than on the event
 # loop, so that /health and the open streams are never held up by another request's JSON.
 OFFLOAD_BYTES = 64 * 2**10
@@ -187,37 +186,24 @@ class ToolCallMemory:
         self._turns: OrderedDict[tuple[str, ...], str] = OrderedDict()
         self._turn_of: dict[str, tuple[str, ...]] = {}
         self._reasoning_chars = 0
-        self._journal = journal
-        if journal is not None:
-            journal.parent.mkdir(parents=True, exist_ok=True)
-            self._replay(journal)
+        self._journal = Journal(journal) if journal is not None else None
+        if self._journal is not None:
+            lines = self._journal.replay(self._read)
+            self._journal.compact(lines, len(self._calls) + len(self._turns), self._records)
 
-    def _replay(self, journal: Path) -> None:
-        if not journal.is_file():
-            return
-        lines = journal.read_text(encoding="utf-8", errors="replace").splitlines()
-        for line in lines:
-            try:
-                record = json.loads(line)
-                calls = {i: SampledInvoke(*fields) for i, fields in record["calls"].items() if fields is not None}
-                self._remember(calls, record.get("reasoning"), list(record["calls"]))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                log.warning("%s: skipping an unreadable line", journal)
-        if len(lines) > JOURNAL_COMPACT_FACTOR * max(1, len(self._calls) + len(self._turns)):
-            self._compact(journal)
+    def _read(self, record: dict[str, Any]) -> None:
+        calls = {i: SampledInvoke(*fields) for i, fields in record["calls"].items() if fields is not None}
+        self._remember(calls, record.get("reasoning"), list(record["calls"]))
 
-    def _record(self, call_ids: Iterable[str], reasoning: str | None) -> str:
+    def _record(self, call_ids: Iterable[str], reasoning: str | None) -> dict[str, Any]:
         calls = {i: [c.name, c.arguments, c.dsml] if (c := self._calls.get(i)) else None for i in call_ids}
-        return json.dumps({"calls": calls, "reasoning": reasoning}, ensure_ascii=False) + "\n"
+        return {"calls": calls, "reasoning": reasoning}
 
-    def _compact(self, journal: Path) -> None:
-        """Rewrite the journal as what is remembered now: one line per turn with reasoning, one per other call."""
+    def _records(self) -> list[dict[str, Any]]:
+        """What is remembered now: one record per turn with reasoning, one per other call."""
         in_turns = {call_id for turn in self._turns for call_id in turn}
-        lines = [self._record(turn, reasoning) for turn, reasoning in self._turns.items()]
-        lines += [self._record([call_id], None) for call_id in self._calls if call_id not in in_turns]
-        scratch = journal.with_suffix(".tmp")
-        scratch.write_text("".join(lines), encoding="utf-8")
-        os.replace(scratch, journal)
+        records = [self._record(turn, reasoning) for turn, reasoning in self._turns.items()]
+        return records + [self._record([call_id], None) for call_id in self._calls if call_id not in in_turns]
 
     def remember(self, calls: Mapping[str, SampledInvoke]) -> None:
         for call_id, call in calls.items():
@@ -236,12 +222,8 @@ class ToolCallMemory:
         self._remember(calls, reasoning, [call.id for call in message.tool_calls])
         if self._journal is not None and (calls or reasoning):
             # a malformed call has no DSML (None) but still names the turn its reasoning belongs to
-            line = self._record([*calls, *(c.id for c in message.tool_calls if c.id not in calls)], reasoning)
-            try:
-                with self._journal.open("a", encoding="utf-8") as f:
-                    f.write(line)
-            except OSError as error:  # the memory still serves this process
-                log.warning("%s: not written: %s", self._journal, error)
+            ids = [*calls, *(c.id for c in message.tool_calls if c.id not in calls)]
+            self._journal.append([self._record(ids, reasoning)])
 
     def _remember(
         self, calls: Mapping[str, SampledInvoke], reasoning: str | None, call_ids: Sequence[str] | None = None
