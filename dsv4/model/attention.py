@@ -186,7 +186,7 @@ class Attention(nn.Module):
             chosen = self.indexer.select_group(q_index[rows], weights[rows], group)
         self.compressor.pool_group(compressed[0][rows], compressed[1][rows], group, "kv")
         if indexed is None:  # HCA: every complete entry
-            j = torch.arange(int(group.num_entries("kv").max()))
+            j = torch.arange(max(cache.num_entries("kv") for cache in caches))  # host ints: no device sync
             chosen = torch.where(j < ((positions + 1) // ratio).unsqueeze(1), j, -1)
         k = chosen.shape[1]
         if k == 0:
