@@ -65,9 +65,10 @@ class Linear(nn.Module):
         weight's ``rows`` (default all; FP8 row slices must start on a 128-row block) -> fp32 [M, rows].
 
         What the official code computes in fp32 (head, compressors, grouped output projection) and the FP8/FP4
-        GEMMs' accumulation, on the compact weight. Batch-invariant numerics pad the rows as for any GEMM."""
+        GEMMs' accumulation, on the compact weight. Batch-invariant numerics pad the rows where the GEMM is
+        not row-invariant by itself."""
         m = len(x)
-        if self.numerics.batch_invariant:
+        if self.numerics.batch_invariant and not gemm.row_invariant(x.device):
             x = self.numerics.pad_rows(x)
             x_scale = None if x_scale is None else torch.cat([x_scale, x_scale.new_ones(len(x) - m, x_scale.shape[1])])
         return self._fp32(x, x_scale, rows)[:m]

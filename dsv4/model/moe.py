@@ -35,7 +35,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [n, d] -> (routing weights [n, k] fp32, expert ids [n, k])."""
-        logits = gemm.bf16_linear(self.numerics.pad_rows(x.float()), self.weight)[: len(x)]
+        xf = x.float() if gemm.row_invariant(x.device) else self.numerics.pad_rows(x.float())
+        logits = gemm.bf16_linear(xf, self.weight)[: len(x)]
         scores = self.numerics.pointwise(F.softplus, logits).sqrt()
         if self.hash_routed:
             experts = self.tid2eid[token_ids]

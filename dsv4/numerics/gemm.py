@@ -253,6 +253,12 @@ def _bf16_linear_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def row_invariant(device: torch.device) -> bool:
+    """Whether GEMMs on ``device`` compute each row alike whatever the row count: the compiled kernel's do;
+    the torch path's BLAS calls do not (batch-invariant numerics pad their rows)."""
+    return device.type == "cpu" and kernel_library() is not None
+
+
 def fp8_linear(
     x: torch.Tensor, x_scale: torch.Tensor | None, weight: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
