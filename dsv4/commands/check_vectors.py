@@ -35,15 +35,8 @@ from dsv4.model.attention import Span
 from dsv4.model.hyper import sinkhorn_split
 from dsv4.model.loading import load_model
 from dsv4.model.sparse_attention import sparse_attention
-from dsv4.numerics.formats import (
-    act_quant,
-    dequant_fp4_weight,
-    dequant_fp8_weight,
-    fp4_simulate,
-    fp8_simulate,
-    hadamard,
-    quantized_linear,
-)
+from dsv4.numerics import gemm
+from dsv4.numerics.formats import act_quant, fp4_simulate, fp8_simulate, hadamard
 
 
 @dataclass
@@ -194,10 +187,10 @@ def check_kernels(path: Path) -> list[KernelResult]:
     )
     results.append(exact("fp4_sim.y", fp4_simulate(k["fp4_sim.x"]), k["fp4_sim.y"]))
     results.append(exact("hadamard.y", hadamard(k["hadamard.x"]), k["hadamard.y"]))
-    for name, dequant in (("fp8_linear", dequant_fp8_weight), ("fp4_linear", dequant_fp4_weight)):
-        x = k[f"{name}.x"]
-        w = dequant(k[f"{name}.weight"], k[f"{name}.weight_scale"])
-        y = quantized_linear(x, w, simulate=True)
+    for name, linear in (("fp8_linear", gemm.fp8_linear), ("fp4_linear", gemm.fp4_linear)):
+        x = k[f"{name}.x"]  # the model's own path: simulated activations through the compact-weight GEMM
+        q, s = act_quant(x, 128)
+        y = linear(q.float(), s, k[f"{name}.weight"], k[f"{name}.weight_scale"]).to(x.dtype)
         results.append(exact(f"{name}.y", y, k[f"{name}.y"]))
     o = sparse_attention(
         k["sparse_attn.q"][0],
