@@ -18,6 +18,7 @@ hash-routed, as V4's first layers are). Then, in this process:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -89,8 +90,6 @@ def write_checkpoint(path: Path, config: ModelConfig, seed: int = 0) -> None:
             save_file({k: drawn.pop(k) for k in shard}, path / file, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, file))
             bar.update(sum(sizes[k] for k in shard))
-    import json
-
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
     (path / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     (path / CONFIG_NAME).write_text(json.dumps(config.to_hf(), indent=2) + "\n")
