@@ -18,7 +18,7 @@ from dsv4 import LLM, SamplingParams
 from dsv4.cli import main
 from dsv4.engine.llm import RequestOutput
 from dsv4.engine.vectors import run_vectors_through_engine
-from dsv4.tiny import TINY_RANDOM_CONTEXT, write_random_checkpoint
+from dsv4.tiny import TINY_RANDOM, TINY_RANDOM_CONTEXT, write_random_checkpoint
 
 REF = Path(__file__).parent / "data" / "reference"
 CKPT = REF / "ckpt"
@@ -364,3 +364,16 @@ def test_tiny_random_is_a_model_name_everywhere(tmp_path, monkeypatch) -> None:
     (out,) = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     assert len(out.token_ids) == 3
     assert llm.pool is not None and llm.pool.used_bytes == llm.prefix_stats().cached_bytes
+
+
+def test_warm_up_compiles_every_decode_batch_before_the_first_request() -> None:
+    """After ``warm_up`` (what ``dsv4 serve`` runs before it listens), decode batches of 1 to 16 sequences
+    compile nothing more: the first requests do not wait for inductor."""
+    from torch._dynamo.utils import counters
+
+    llm = LLM(TINY_RANDOM, max_num_seqs=16, progress=False)
+    llm.warm_up()
+    compiled = counters["stats"]["unique_graphs"]
+    for n in (1, 3, 5, 16):
+        llm.generate([[7 + i, 8, 9] for i in range(n)], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert counters["stats"]["unique_graphs"] == compiled

@@ -36,6 +36,7 @@ from dsv4.engine.sampler import SampledToken, Sampler
 from dsv4.engine.sampling import SamplingParams
 from dsv4.engine.scheduler import Scheduler, SchedulerOutput
 from dsv4.engine.sequence import Sequence
+from dsv4.model.hyper import compile_decode_batches
 from dsv4.model.linear import Linear
 from dsv4.model.loading import default_numerics
 from dsv4.model.transformer import Transformer
@@ -300,6 +301,14 @@ class LLM:
         if self.prefix_cache is None:
             return PrefixCacheStats(0, 0, 0, computed, 0)
         return replace(self.prefix_cache.stats(), computed_tokens=computed)
+
+    def warm_up(self) -> None:
+        """Compile what the model would otherwise compile on its first decodes (the mHC loop of each decode
+        batch size), so that the first requests do not wait for it; ``dsv4 serve`` calls it before it listens."""
+        model, _ = self._engine()
+        if model.device.type == "cpu":  # the loop is compiled for CPU only
+            c = self.config
+            compile_decode_batches(c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps)
 
     # ------------------------------------------------------------------ requests
     def _engine(self) -> tuple[Transformer, Scheduler]:

@@ -54,6 +54,17 @@ COMPILED_ROWS = 16
 _compiled_iterations = torch.compile(_sinkhorn_iterations, dynamic=False, fullgraph=True)
 
 
+@torch.inference_mode()
+def compile_decode_batches(hc: int, iters: int, eps: float) -> None:
+    """Compile the loop now for every padded decode batch (1, 2, 4 ... ``COMPILED_ROWS`` rows), as the
+    forward calls it (inference mode, fp32 on CPU), so that no request's first decode waits for it: seconds
+    per batch size with a cold inductor cache."""
+    rows = 1
+    while rows <= COMPILED_ROWS:
+        _normalize(torch.ones(rows, hc, hc), iters, eps)
+        rows *= 2
+
+
 def _normalize(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     n = comb.shape[0] if comb.dim() == 3 else 0
     if comb.dim() != 3 or n == 0 or n > COMPILED_ROWS or comb.device.type != "cpu":

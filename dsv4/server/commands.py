@@ -142,6 +142,8 @@ def _serve(args: argparse.Namespace) -> int:
     if llm.model is None:
         raise ValueError(f"{args.model} is a preset with shapes only: serve a checkpoint directory or {TINY_RANDOM}")
     check_max_model_len(args.max_model_len, args.model, llm.config.max_position_embeddings)
+    log.info("compiling the model's decode loops (seconds, once per machine: inductor caches them)")
+    llm.warm_up()
     install_fault_injection(llm)  # test only, from the environment: see dsv4/server/fault_injection.py
     engine = LLMEngineClient(llm, max_queue=args.max_queue)
     names = tuple(args.served_model_name or [Path(args.model).name or args.model])
