@@ -15,6 +15,7 @@ import jsonschema
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_structured_output import UNENFORCEABLE_STRICT_TOOL
 
 from dsv4.engine.llm import LLM
 from dsv4.server.app import create_app, serve_in_thread
@@ -148,24 +149,7 @@ def test_anthropic_tool_choice(url: str) -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        (
-            {
-                "tools": [
-                    {
-                        "type": "function",
-                        "function": {
-                            "name": "f",
-                            "strict": True,
-                            "parameters": {
-                                "type": "object",
-                                "properties": {"x": {"type": "integer", "minimum": "low"}},
-                            },
-                        },
-                    }
-                ]
-            },
-            "tools[0].function.parameters.properties.x",
-        ),
+        UNENFORCEABLE_STRICT_TOOL,
         (
             {
                 "response_format": {

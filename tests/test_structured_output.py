@@ -195,6 +195,24 @@ def test_response_format_and_its_json(tokenizer: Any) -> None:
     )
 
 
+# A strict tool whose parameter schema llguidance cannot enforce (a non-numeric bound), and the field a 400 names.
+UNENFORCEABLE_STRICT_TOOL = (
+    {
+        "tools": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "strict": True,
+                    "parameters": {"type": "object", "properties": {"x": {"type": "integer", "minimum": "low"}}},
+                },
+            }
+        ]
+    },
+    "tools[0].function.parameters.properties.x",
+)
+
+
 @pytest.mark.parametrize(
     ("request_fields", "field"),
     [
@@ -210,24 +228,7 @@ def test_response_format_and_its_json(tokenizer: Any) -> None:
             },
             "tools[0].function.parameters.anyOf",
         ),
-        (
-            {
-                "tools": [
-                    {
-                        "type": "function",
-                        "function": {
-                            "name": "f",
-                            "strict": True,
-                            "parameters": {
-                                "type": "object",
-                                "properties": {"x": {"type": "integer", "minimum": "low"}},
-                            },
-                        },
-                    }
-                ]
-            },
-            "tools[0].function.parameters.properties.x",
-        ),
+        UNENFORCEABLE_STRICT_TOOL,
         (
             {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "strin"}, "strict": True}}},
             "response_format.json_schema.schema",
