@@ -26,7 +26,11 @@ already on FP8/FP4 grids with power-of-two scales, so the codes plus E8M0 scales
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,49 @@ _NAMES = {"attention": "kv", "indexer": "index"}
 
 class PoolExhausted(RuntimeError):
     """Not enough free blocks or state slots; the pool was left unchanged."""
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """A sequence named by its state slot: how a recorded operation refers to it in another process."""
+
+    slot: int
+
+
+@dataclass(frozen=True)
+class PoolOp:
+    """One allocation change (``new_sequence``, ``reserve``, ``fork``, ``import_sequence``, ``free``) as a
+    replica replays it: the method, its arguments (sequences as ``SlotRef``), and the slot and block table
+    it left, which the replica checks its own result against."""
+
+    method: str
+    args: tuple[Any, ...]
+    kwargs: tuple[tuple[str, Any], ...]
+    slot: int
+    blocks: tuple[int, ...]
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _recorded(method: _Method) -> _Method:
+    """Append the call to ``pool.journal`` (when the pool keeps one) once it has succeeded. Calls made
+    inside another recorded call (``fork``'s ``new_sequence``) are part of it and not recorded apart."""
+
+    @functools.wraps(method)
+    def wrapper(pool: KVPool, *args: Any, **kwargs: Any) -> Any:
+        pool._depth += 1
+        try:
+            result = method(pool, *args, **kwargs)
+        finally:
+            pool._depth -= 1
+        if pool.journal is not None and pool._depth == 0:
+            seq = result if isinstance(result, PagedSequence) else args[0]
+            refs = tuple(SlotRef(a.slot) if isinstance(a, PagedSequence) else a for a in args)
+            pool.journal.append(PoolOp(method.__name__, refs, tuple(kwargs.items()), seq.slot, tuple(seq.blocks)))
+        return result
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -372,6 +419,10 @@ class KVPool:
     instead of sharing it. A prefix cache can therefore keep a ``fork`` taken at a block boundary: it
     shares every block and owns only a state slot (the window ring and frontiers, which cannot be rebuilt
     from the blocks).
+
+    Allocation is deterministic, so a replica of the pool in another process (a tensor-parallel rank: V4's
+    one KV head is cached whole on every rank) stays identical by replaying the operations this pool
+    records in ``journal`` (``replay``) and running the same forwards.
     """
 
     def __init__(
@@ -396,6 +447,9 @@ class KVPool:
                 for spec in config.layers
             ]
         self._refcounts = [0] * num_blocks
+        self._sequences: dict[int, PagedSequence] = {}  # live sequences by slot, for replay
+        self.journal: list[PoolOp] | None = None  # set to a list to record allocation changes
+        self._depth = 0
         self._free_blocks = list(range(num_blocks - 1, -1, -1))  # a stack: pop() hands out low ids first
         self._free_slots = list(range(max_sequences - 1, -1, -1))
         paged = sum(t.nbytes for s in self.stores for t in s.paged_tensors())
@@ -403,10 +457,29 @@ class KVPool:
         self._slot_nbytes = sum(t.nbytes for s in self.stores for t in s.slot_tensors()) // max_sequences
 
     # ------------------------------------------------------------------ sequences
+    @_recorded
     def new_sequence(self) -> PagedSequence:
         if not self._free_slots:
             raise PoolExhausted(f"all {self.max_sequences} state slots are in use")
-        return PagedSequence(self, self._free_slots.pop())
+        seq = PagedSequence(self, self._free_slots.pop())
+        self._sequences[seq.slot] = seq
+        return seq
+
+    def sequence(self, slot: int) -> PagedSequence:
+        """The live sequence in ``slot`` (how a replica finds the sequences a plan names)."""
+        return self._sequences[slot]
+
+    def replay(self, op: PoolOp) -> PagedSequence:
+        """Apply an operation another pool of the same layout recorded; raise if the result differs."""
+        args = [self._sequences[a.slot] if isinstance(a, SlotRef) else a for a in op.args]
+        result = getattr(self, op.method)(*args, **dict(op.kwargs))
+        seq = result if isinstance(result, PagedSequence) else args[0]
+        if seq.slot != op.slot or tuple(seq.blocks) != op.blocks:
+            raise RuntimeError(
+                f"pool replica diverged on {op.method}: slot {seq.slot} blocks {seq.blocks}, "
+                f"recorded slot {op.slot} blocks {list(op.blocks)}"
+            )
+        return seq
 
     def _check(self, seq: PagedSequence) -> None:
         if seq.freed or seq.pool is not self:
@@ -420,6 +493,7 @@ class KVPool:
     def can_grow(self, seq: PagedSequence, n_new_tokens: int) -> bool:
         return self.blocks_needed(seq, n_new_tokens) <= len(self._free_blocks)
 
+    @_recorded
     def reserve(self, seq: PagedSequence, n_new_tokens: int) -> None:
         """Take the blocks a forward of ``n_new_tokens`` tokens will write into (none if already reserved:
         reserving is relative to the tokens the sequence holds, not cumulative)."""
@@ -432,6 +506,7 @@ class KVPool:
         if taken:
             seq._set_blocks(seq.blocks + taken)
 
+    @_recorded
     def fork(self, src: PagedSequence, share_blocks: bool = True) -> PagedSequence:
         """A new sequence continuing from exactly where ``src`` is: its full blocks are shared, a partial
         last block is copied, and the state slot is copied. With ``share_blocks=False`` every block is
@@ -503,6 +578,7 @@ class KVPool:
                 out[f"partial.{key}"] = t
         return out
 
+    @_recorded
     def import_sequence(
         self, num_tokens: int, blocks: list[dict[str, torch.Tensor]], state: dict[str, torch.Tensor]
     ) -> PagedSequence:
@@ -559,6 +635,7 @@ class KVPool:
                 for i, t in enumerate(rows.tensors):
                     _raw(t)[span] = _raw(rows_by_name[f"layer{store.spec.index}.{name}.{i}"])
 
+    @_recorded
     def free(self, seq: PagedSequence) -> None:
         """Release ``seq``'s slot and its references to its blocks, at once."""
         self._check(seq)
@@ -567,6 +644,7 @@ class KVPool:
             if self._refcounts[b] == 0:
                 self._free_blocks.append(b)
         self._free_slots.append(seq.slot)
+        del self._sequences[seq.slot]
         seq._set_blocks([])
         seq.freed = True
 
