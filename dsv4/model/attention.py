@@ -19,9 +19,9 @@ from dsv4.cache.view import LayerCache, SequenceCache
 from dsv4.config import KV_FP8_BLOCK, LayerKind, LayerSpec, ModelConfig
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
-from dsv4.model.linear import ColumnParallelLinear, Linear, RowParallelLinear
+from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm, head_rms_normalize
-from dsv4.model.parallel import SINGLE, ParallelContext
+from dsv4.model.parallel import SINGLE, ParallelContext, Shard, shard_of
 from dsv4.model.rope import Rotary
 from dsv4.model.sparse_attention import BLOCK, keys_with_zero_row, sparse_attention_on_keys
 from dsv4.numerics.formats import fp8_simulate
@@ -86,28 +86,37 @@ def _assemble(
 
 
 class Attention(nn.Module):
+    """One layer's attention. Under tensor parallelism a rank holds its heads' slice of ``wq_b`` and the sinks,
+    and the output groups those heads feed (``wo_a`` rows, ``wo_b`` columns, whose partial outputs are
+    summed across ranks); the KV path, the compressors and the cache are the same on every rank."""
+
     def __init__(self, config: ModelConfig, spec: LayerSpec, numerics: Numerics, parallel: ParallelContext = SINGLE):
         super().__init__()
         self.spec, self.numerics = spec, numerics
         self.layer_index = spec.index
-        self.n_heads = parallel.shard(config.n_heads, "num_attention_heads")
         self.head_dim, self.nope = config.head_dim, config.nope_head_dim
-        self.n_groups = parallel.shard(config.o_groups, "o_groups")
         self.o_lora_rank = config.o_lora_rank
         self.window = config.window_size
         self.eps = config.norm_eps
         self.softmax_scale = self.head_dim**-0.5
         fmt = config.weight_dtype
 
-        self.attn_sink = nn.Parameter(torch.empty(self.n_heads, dtype=torch.float32), requires_grad=False)
+        def part(name: str) -> Shard:
+            return shard_of(f"attn.{name}", config, parallel)
+
+        self.attn_sink = nn.Parameter(
+            torch.empty(part("attn_sink").shape((config.n_heads,)), dtype=torch.float32), requires_grad=False
+        )
         self.wq_a = Linear(config.dim, config.q_lora_rank, fmt, numerics)
         self.q_norm = RMSNorm(config.q_lora_rank, config.norm_eps)
-        self.wq_b = ColumnParallelLinear(config.q_lora_rank, config.n_heads * self.head_dim, fmt, numerics, parallel)
+        self.wq_b = Linear(config.q_lora_rank, config.n_heads * self.head_dim, fmt, numerics, part("wq_b.weight"))
         self.wkv = Linear(config.dim, self.head_dim, fmt, numerics)
         self.kv_norm = RMSNorm(self.head_dim, config.norm_eps)
-        group_in = config.n_heads * self.head_dim // config.o_groups
-        self.wo_a = ColumnParallelLinear(group_in, config.o_groups * config.o_lora_rank, fmt, numerics, parallel)
-        self.wo_b = RowParallelLinear(config.o_groups * config.o_lora_rank, config.dim, fmt, numerics, parallel)
+        group_in, groups_out = config.n_heads * self.head_dim // config.o_groups, config.o_groups * config.o_lora_rank
+        self.wo_a = Linear(group_in, groups_out, fmt, numerics, part("wo_a.weight"))
+        self.wo_b = Linear(groups_out, config.dim, fmt, numerics, part("wo_b.weight"), parallel)
+        self.n_heads = self.wq_b.out_features // self.head_dim  # this rank's
+        self.n_groups = self.wo_a.out_features // self.o_lora_rank
         self.rotary = Rotary(config, spec)
         if spec.compress_ratio:
             self.compressor = Compressor(config, spec.compress_ratio, self.head_dim, False, numerics, self.rotary)

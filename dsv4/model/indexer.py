@@ -15,8 +15,8 @@ from torch import nn
 from dsv4.cache.view import DecodeGroup, LayerCache
 from dsv4.config import ModelConfig
 from dsv4.model.compressor import Compressor
-from dsv4.model.linear import ColumnParallelLinear
-from dsv4.model.parallel import SINGLE, ParallelContext
+from dsv4.model.linear import Linear
+from dsv4.model.parallel import SINGLE, ParallelContext, Shard, shard_of
 from dsv4.model.rope import Rotary
 from dsv4.numerics.formats import fp4_simulate, hadamard
 from dsv4.numerics.modes import Numerics
@@ -25,16 +25,24 @@ SCORE_CHUNK_ELEMENTS = 1 << 25  # query chunk x heads x entries per chunk of the
 
 
 class Indexer(nn.Module):
+    """Under tensor parallelism a rank holds its index heads (``wq_b``, ``weights_proj``); their partial
+    scores are summed across ranks before the top-k, so every rank picks the same entries. The key
+    compressor and the keys are replicated."""
+
     def __init__(self, config: ModelConfig, numerics: Numerics, rotary: Rotary, parallel: ParallelContext = SINGLE):
         super().__init__()
         self.n_heads, self.head_dim = config.index_n_heads, config.index_head_dim
         self.topk, self.ratio = config.index_topk, 4
         self.numerics, self.rotary, self.parallel = numerics, rotary, parallel
-        self.wq_b = ColumnParallelLinear(
-            config.q_lora_rank, self.n_heads * self.head_dim, config.weight_dtype, numerics, parallel
-        )
-        self.weights_proj = ColumnParallelLinear(config.dim, self.n_heads, "bf16", numerics, parallel)
+
+        def part(name: str) -> Shard:
+            return shard_of(f"attn.indexer.{name}", config, parallel)
+
+        heads_out = self.n_heads * self.head_dim
+        self.wq_b = Linear(config.q_lora_rank, heads_out, config.weight_dtype, numerics, part("wq_b.weight"))
+        self.weights_proj = Linear(config.dim, self.n_heads, "bf16", numerics, part("weights_proj.weight"))
         self.compressor = Compressor(config, 4, self.head_dim, True, numerics, rotary)
+        # The scale of the whole score (all heads), whatever share of the heads this rank sums.
         self.weight_scale = self.head_dim**-0.5 * self.n_heads**-0.5
 
     def project(self, x: torch.Tensor, qr: torch.Tensor, cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

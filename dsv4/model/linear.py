@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dsv4.config import FP4_BLOCK, QUANT_BLOCK
-from dsv4.model.parallel import SINGLE, ParallelContext
+from dsv4.model.parallel import SINGLE, WHOLE, ParallelContext, Shard
 from dsv4.numerics import gemm
 from dsv4.numerics.formats import act_quant
 from dsv4.numerics.modes import Numerics
@@ -23,11 +23,31 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x·Wᵀ with W stored as in the checkpoint (``fmt``: 'fp8', 'fp4', 'bf16' or 'fp32')."""
+    """y = x·Wᵀ with W stored as in the checkpoint (``fmt``: 'fp8', 'fp4', 'bf16' or 'fp32').
 
-    def __init__(self, in_features: int, out_features: int, fmt: str, numerics: Numerics):
+    ``shard`` (from ``tensor_shard``) is the part of the checkpoint's weight this rank holds: a slice of the
+    rows (output features: column-parallel, e.g. a rank's heads) or of the columns (input features:
+    row-parallel; each rank's output is a partial sum, rounded to the activation dtype and then summed
+    across ranks in fp32, the official code's order).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fmt: str,
+        numerics: Numerics,
+        shard: Shard = WHOLE,
+        parallel: ParallelContext = SINGLE,
+    ):
         super().__init__()
+        if shard.dim == 0:
+            out_features = shard.length
+        elif shard.dim == 1:
+            in_features = shard.length
         self.in_features, self.out_features, self.fmt, self.numerics = in_features, out_features, fmt, numerics
+        self.parallel = parallel
+        self.partial = shard.dim == 1
         if fmt == "fp8":
             self.weight = _frozen(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn))
             scale_shape = (-(-out_features // QUANT_BLOCK), -(-in_features // QUANT_BLOCK))
@@ -46,8 +66,12 @@ class Linear(nn.Module):
         return self.fmt in ("fp8", "fp4")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._forward(x)
+        return self.parallel.all_reduce(y) if self.partial else y
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:  # [..., K]: the GEMMs take rows
-            return self(x.reshape(-1, x.shape[-1])).unflatten(0, x.shape[:-1])
+            return self._forward(x.reshape(-1, x.shape[-1])).unflatten(0, x.shape[:-1])
         if self.quantized:
             # FP8/FP4 GEMM: activations quantised to FP8 in blocks of 128 (simulated), fp32 accumulation,
             # output in the activation dtype.
@@ -86,25 +110,3 @@ class Linear(nn.Module):
         if self.fmt == "bf16":
             return gemm.bf16_linear(x, weight)
         return self.numerics.linear(x, weight)
-
-
-class ColumnParallelLinear(Linear):
-    """Output features split across ranks (query heads, indexer heads, output groups)."""
-
-    def __init__(
-        self, in_features: int, out_features: int, fmt: str, numerics: Numerics, parallel: ParallelContext = SINGLE
-    ):
-        super().__init__(in_features, parallel.shard(out_features, "output features"), fmt, numerics)
-
-
-class RowParallelLinear(Linear):
-    """Input features split across ranks; partial outputs are summed in fp32."""
-
-    def __init__(
-        self, in_features: int, out_features: int, fmt: str, numerics: Numerics, parallel: ParallelContext = SINGLE
-    ):
-        super().__init__(parallel.shard(in_features, "input features"), out_features, fmt, numerics)
-        self.parallel = parallel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.parallel.all_reduce(super().forward(x))

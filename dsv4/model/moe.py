@@ -73,6 +73,9 @@ class Expert(nn.Module):
 
 
 class MoE(nn.Module):
+    """Router and shared expert replicated; under expert parallelism a rank holds and runs a contiguous range
+    of the routed experts, and the ranks' fp32 sums are added together."""
+
     def __init__(self, config: ModelConfig, spec: LayerSpec, numerics: Numerics, parallel: ParallelContext = SINGLE):
         super().__init__()
         self.n_experts, self.parallel = config.n_routed_experts, parallel

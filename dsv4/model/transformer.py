@@ -20,7 +20,7 @@ from dsv4.model.hyper import hc_head, hc_post, hc_pre
 from dsv4.model.linear import Linear
 from dsv4.model.moe import MoE
 from dsv4.model.norm import RMSNorm
-from dsv4.model.parallel import SINGLE, ParallelContext
+from dsv4.model.parallel import SINGLE, ParallelContext, shard_of
 from dsv4.numerics.modes import Numerics, get_numerics
 
 
@@ -78,7 +78,7 @@ class MTPBlock(Block):
 
 @dataclass
 class ForwardOutput:
-    logits: torch.Tensor  # fp32 [len(logit_rows), vocab]
+    logits: torch.Tensor  # fp32 [len(logit_rows), vocab], the whole vocabulary on every rank
     hidden: torch.Tensor  # final residual streams [T, hc, d] (the MTP block's input)
 
 
@@ -87,16 +87,19 @@ class Transformer(nn.Module):
         self, config: ModelConfig, numerics: str | Numerics = "bf16_official", parallel: ParallelContext = SINGLE
     ):
         super().__init__()
-        self.config, self.numerics = config, get_numerics(numerics)
+        self.config, self.numerics, self.parallel = config, get_numerics(numerics), parallel
         n = self.numerics
+        # Vocabulary-parallel: a rank embeds, and scores, the tokens of its slice of the vocabulary.
+        embed = shard_of("embed.weight", config, parallel)
+        self.vocab = embed.span(config.vocab_size)
         self.embed = nn.Module()
         self.embed.weight = nn.Parameter(
-            torch.empty(config.vocab_size, config.dim, dtype=torch.bfloat16), requires_grad=False
+            torch.empty(embed.shape((config.vocab_size, config.dim)), dtype=torch.bfloat16), requires_grad=False
         )
         self.layers = nn.ModuleList(Block(config, spec, n, parallel) for spec in config.layers)
         self.mtp = nn.ModuleList(MTPBlock(config, spec, n, parallel) for spec in config.mtp_layers)
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.head = Linear(config.dim, config.vocab_size, "bf16", n)
+        self.head = Linear(config.dim, config.vocab_size, "bf16", n, shard_of("head.weight", config, parallel))
         self.hc_head_fn, self.hc_head_base, self.hc_head_scale = (
             _fp32(config.hc_mult, config.hc_mult * config.dim),
             _fp32(config.hc_mult),
@@ -112,14 +115,22 @@ class Transformer(nn.Module):
         return len(self.layers) + len(self.mtp)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.embed.weight).to(self.numerics.dtype)
+        if self.parallel.world_size == 1:
+            return F.embedding(tokens, self.embed.weight).to(self.numerics.dtype)
+        # Each row has one owner; the others contribute -0.0, the identity of IEEE addition, so the sum
+        # across ranks is the owner's row bit for bit (signed zeros included).
+        local = tokens - self.vocab.start
+        mine = (local >= 0) & (local < len(self.vocab))
+        rows = F.embedding(torch.where(mine, local, 0), self.embed.weight)
+        rows = torch.where(mine.unsqueeze(-1), rows, -0.0)
+        return self.parallel.all_reduce(rows).to(self.numerics.dtype)
 
     def _logits(
         self, h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: RMSNorm
     ) -> torch.Tensor:
         c = self.config
         y = norm(hc_head(h, fn, scale, base, c.hc_eps, c.norm_eps, self.numerics))
-        return self.head.fp32(y.float())
+        return self.parallel.all_gather(self.head.fp32(y.float()))  # every rank's vocabulary slice, in order
 
     @torch.inference_mode()
     def forward(
@@ -129,7 +140,10 @@ class Transformer(nn.Module):
         logit_rows: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """Run ``tokens`` [T] (the spans' tokens, concatenated) and return the logits of ``logit_rows``
-        (default: the last token of every span)."""
+        (default: the last token of every span).
+
+        With more than one rank this is a collective: every rank calls it with the same arguments (each with
+        its own replica of the caches) and every rank gets the whole vocabulary's logits."""
         with device_scope(self.device):
             positions = torch.cat([torch.arange(s.pos0, s.pos0 + s.length) for s in spans])
             if logit_rows is None:
@@ -150,7 +164,7 @@ class Transformer(nn.Module):
         depth: int = 0,
     ) -> torch.Tensor:
         """Logits of the token two ahead: ``hidden`` [T, hc, d] from ``forward`` at positions p, ``next_tokens``
-        [T] the tokens at p+1 (the spans describe positions p, as for ``forward``)."""
+        [T] the tokens at p+1 (the spans describe positions p, as for ``forward``). A collective, as ``forward``."""
         block = self.mtp[depth]
         with device_scope(self.device):
             positions = torch.cat([torch.arange(s.pos0, s.pos0 + s.length) for s in spans])
