@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dsv4.config import FP4_BLOCK, QUANT_BLOCK, ModelConfig
+from dsv4.model.parallel import WHOLE, Shard
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -298,7 +299,7 @@ def load_checkpoint(
     state: Mapping[str, torch.Tensor],
     path: str | Path,
     progress: bool = True,
-    owned: Callable[[str], bool] | None = None,
+    owned: Callable[[str], Shard | None] | None = None,
 ) -> None:
     """Fill ``state`` (the model's ``state_dict()``) in place from the checkpoint at ``path``.
 
@@ -308,19 +309,35 @@ def load_checkpoint(
     nothing else; all differences are checked from the headers first and reported together in one
     :class:`CheckpointError`, before a single byte of weights is read.
 
-    ``owned``: for expert or tensor parallelism, a rank loads only the tensors for which ``owned(name)`` is
-    true; the others are neither required in ``state`` nor read from the checkpoint, and the strict check
-    applies to the owned names only. ``None`` means everything.
+    ``owned``: for tensor or expert parallelism, the part of each checkpoint tensor this rank holds
+    (``dsv4.model.parallel.tensor_shard``). None for a tensor the rank does not hold at all (another rank's
+    routed expert): it is neither required in ``state`` nor read. A :class:`Shard` along one dimension: only
+    that slice is read (``safe_open(...).get_slice``, never the whole tensor), and the strict check compares
+    the checkpoint's whole tensor with the whole shape the rank's slice implies. ``None`` (the argument)
+    means the whole of every tensor.
 
     Tensors are read one layer at a time from memory-mapped shards and copied straight into ``state``
     (which may live on an accelerator), so peak extra host memory is one tensor.
     """
     path = Path(path)
     where, found, problems = _layout(path)
-    keep = owned or (lambda _name: True)
-    found = {k: v for k, v in found.items() if keep(k)}
-    want = {k: (tuple(t.shape), t.dtype) for k, t in state.items() if keep(k)}
+    part_of = owned or (lambda _name: WHOLE)
+    shards = {k: part_of(k) for k in {*found, *state}}
+    found = {k: v for k, v in found.items() if shards[k] is not None}
+    want, slices = {}, []
+    for name, t in state.items():
+        shard = shards[name]
+        if shard is None:
+            continue
+        shape = tuple(t.shape)
+        if shard.dim is not None:
+            if shape[shard.dim] != shard.length:
+                slices.append(f"{name} (model {list(shape)}, dim {shard.dim} should hold {shard.length})")
+            shape = (*shape[: shard.dim], shard.full, *shape[shard.dim + 1 :])
+        want[name] = (shape, t.dtype)
     problems = [f"{len(problems)} index problems: {_short(problems)}"] if problems else []
+    if slices:
+        problems.append(f"{len(slices)} not the rank's slice: {_short(slices)}")
     problems += _mismatches(found, want)
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match the model:\n  " + "\n  ".join(problems))
@@ -341,8 +358,8 @@ def load_checkpoint(
             for file, names in by_file.items():
                 with safe_open(file, framework="pt") as f:
                     for name in names:
-                        dst = state[name]
-                        dst.copy_(f.get_tensor(name))
+                        dst, shard = state[name], shards[name]
+                        dst.copy_(f.get_tensor(name) if shard.dim is None else f.get_slice(name)[shard.index()])
                         bar.update(dst.numel() * dst.element_size())
 
 

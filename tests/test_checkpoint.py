@@ -25,6 +25,7 @@ from dsv4.checkpoint import (
     save_checkpoint,
 )
 from dsv4.config import ModelConfig
+from dsv4.model.parallel import WHOLE, Shard
 from dsv4.tiny import random_state, tiny_config, write_random_checkpoint
 
 REF = Path(__file__).parent / "data" / "reference" / "ckpt"
@@ -155,10 +156,10 @@ def test_load_reference_matches_safe_open(ref_config: ModelConfig) -> None:
 
 
 def test_load_only_owned_experts(ref_config: ModelConfig) -> None:
-    def owned(name: str) -> bool:
-        return ".experts." not in name or int(name.split(".experts.")[1].split(".")[0]) < 4
+    def owned(name: str) -> Shard | None:
+        return WHOLE if ".experts." not in name or int(name.split(".experts.")[1].split(".")[0]) < 4 else None
 
-    state = allocate_state(ref_config, [k for k in expected_tensors(ref_config) if owned(k)])
+    state = allocate_state(ref_config, [k for k in expected_tensors(ref_config) if owned(k) is not None])
     assert "layers.0.ffn.experts.7.w1.weight" not in state
     load_checkpoint(state, REF, progress=False, owned=owned)
     with safe_open(REF / "model-00002-of-00002.safetensors", framework="pt") as f:
