@@ -141,6 +141,7 @@ def check_mode(
     batch: bool = False,
     reuse: int | None = None,
     device: str | torch.device = "cpu",
+    tp: int = 1,
 ) -> ModeResult:
     n_prompts = len(manifest["prompts"])
     prompts = [(vectors[f"prompt{i}.input_ids"], vectors[f"prompt{i}.decode_ids"]) for i in range(n_prompts)]
@@ -149,7 +150,9 @@ def check_mode(
     else:
         from dsv4.engine.vectors import run_vectors_through_engine
 
-        by_prompt = run_vectors_through_engine(vector_dir, mode, chunk=chunk, batch=batch, reuse=reuse, device=device)
+        by_prompt = run_vectors_through_engine(
+            vector_dir, mode, chunk=chunk, batch=batch, reuse=reuse, device=device, tp=tp
+        )
         logits = [by_prompt[i] for i in range(n_prompts)]
     results = [compare(i, logits[i], vectors[f"prompt{i}.{mode}.logits"]) for i in range(n_prompts)]
     return judge(mode, results, manifest["tolerances"])
@@ -222,6 +225,10 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"mode(s) {unknown} not in this vector set; it has {list(manifest['modes'])}")
     resolve_device(args.device)
+    if args.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {args.tp}")
+    if args.tp > 1 and args.reuse is None and not args.chunk and not args.batch:
+        raise ValueError("--tp runs through the engine: add --batch, --chunk N or --reuse")
     vectors = load_file(vector_dir / manifest["vectors"]["file"])
     if args.reuse is not None or args.chunk or args.batch:
         check_engine_fits(vector_dir, manifest, vectors)
@@ -239,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         runs = [("model", {})]
     for mode, (how, options) in itertools.product(modes, runs):
-        result = check_mode(vector_dir, manifest, vectors, mode, **options, device=args.device)
+        result = check_mode(vector_dir, manifest, vectors, mode, **options, device=args.device, tp=args.tp)
         print(f"{mode} ({how}): {result.tier}")
         for p in result.prompts:
             decode = p.row_max[1:]
@@ -314,4 +321,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel-level vectors")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:N")
+    p.add_argument("--tp", type=int, default=1, help="through the engine, the model split over N processes")
     p.set_defaults(func=run)

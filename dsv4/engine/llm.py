@@ -27,18 +27,19 @@ from dsv4.cache.disk import SessionStore
 from dsv4.cache.pool import KVPool
 from dsv4.cache.prefix import PrefixCache, PrefixCacheStats
 from dsv4.chat.tokenizer import TOKENIZER_FILE, ChatTokenizer, load_tokenizer
-from dsv4.checkpoint import load_checkpoint, open_checkpoint_config
+from dsv4.checkpoint import open_checkpoint_config
 from dsv4.config import PRESETS_DIR, ModelConfig
 from dsv4.device import device_scope, resolve_device
 from dsv4.engine.constraint import compiler_for
-from dsv4.engine.runner import ModelRunner
+from dsv4.engine.runner import ModelRunner, warm_up
 from dsv4.engine.sampler import SampledToken, Sampler
 from dsv4.engine.sampling import SamplingParams
 from dsv4.engine.scheduler import Scheduler, SchedulerOutput
 from dsv4.engine.sequence import Sequence
-from dsv4.model.hyper import compile_decode_batches
+from dsv4.engine.tensor_parallel import TensorParallelGroup, WorkerSpec
 from dsv4.model.linear import Linear
-from dsv4.model.loading import default_numerics
+from dsv4.model.loading import default_numerics, load_model
+from dsv4.model.parallel import ParallelContext
 from dsv4.model.transformer import Transformer
 from dsv4.numerics.modes import Numerics, check_batch_invariance, get_numerics
 from dsv4.tiny import TINY_RANDOM, tiny_random_checkpoint
@@ -181,6 +182,8 @@ class LLM:
     ``checkpoint_interval`` tokens inside long prompts (default: ``layout.checkpoint_interval``); with
     ``session_dir`` they are also written to disk, ``session_disk_bytes`` at most, and survive a restart.
     ``device``: where the weights, the cache and the sampler live (cpu, cuda, cuda:N).
+    ``tp``: split the model over this many processes (``dsv4.engine.tensor_parallel``; rank r on the r-th
+    device from ``device``); this object stays the whole engine. ``close()`` stops them.
     """
 
     def __init__(
@@ -204,8 +207,11 @@ class LLM:
         session_dir: str | Path | None = None,
         session_disk_bytes: int = DEFAULT_SESSION_DISK_BYTES,
         device: str | torch.device = "cpu",
+        tp: int = 1,
     ):
         self.progress = progress
+        self.replicas: TensorParallelGroup | None = None
+        self._closed = False
         self.device = resolve_device(device)
         self.model: Transformer | None = None
         self.tokenizer: ChatTokenizer | None = None
@@ -241,45 +247,59 @@ class LLM:
         if num_blocks is None:
             num_blocks = self._blocks_for(kv_cache_bytes, max_num_seqs, slots, block_tokens)
         numerics = replace(get_numerics(self.numerics), batch_invariant=batch_invariant)
-        with device_scope(self.device):  # the weights are allocated where they will live, then filled
-            self.model = Transformer(self.config, numerics)
-        load_checkpoint(self.model.state_dict(), path, progress=progress)
-        if batch_invariant:
-            check_batch_invariance(
-                (m.in_features, m.out_features) for m in self.model.modules() if isinstance(m, Linear)
+        if tp < 1:
+            raise ValueError(f"tp must be >= 1, got {tp}")
+        parallel = ParallelContext(tp, 0)
+        if tp > 1:  # the workers load their shares while this process loads its own
+            with torch.device("meta"):  # a split that does not fit the model fails here, before any spawn
+                Transformer(self.config, numerics, parallel)
+            self.replicas = TensorParallelGroup(tp, self.device)
+            threads = torch.get_num_threads()
+            self.replicas.send_spec(WorkerSpec(str(path), numerics, num_blocks, block_tokens, slots, threads))
+        try:
+            self.model = load_model(path, numerics, progress=progress, device=self.device, parallel=parallel)
+            if batch_invariant:
+                check_batch_invariance(
+                    (m.in_features, m.out_features) for m in self.model.modules() if isinstance(m, Linear)
+                )
+            if (path / TOKENIZER_FILE).is_file():
+                self.tokenizer = load_tokenizer(path)
+            self.eos_token_ids = _eos_ids(path, self.config, self.tokenizer)
+            self.pool = KVPool(
+                self.config, self.numerics, num_blocks, block_tokens, max_sequences=slots, device=self.device
             )
-        if (path / TOKENIZER_FILE).is_file():
-            self.tokenizer = load_tokenizer(path)
-        self.eos_token_ids = _eos_ids(path, self.config, self.tokenizer)
-        self.pool = KVPool(
-            self.config, self.numerics, num_blocks, block_tokens, max_sequences=slots, device=self.device
-        )
-        self.chunk_size = chunk_size
-        self.prefix_cache: PrefixCache | None = None
-        if prefix_cache:
-            disk = None
-            if session_dir is not None:
-                fingerprint = session_fingerprint(path, self.config, numerics, block_tokens, chunk_size)
-                disk = SessionStore(session_dir, session_disk_bytes, fingerprint)
-            self.prefix_cache = PrefixCache(self.pool, disk)
-            if checkpoint_interval is None:
-                step = math.lcm(chunk_size, block_tokens)
-                checkpoint_interval = layout.checkpoint_interval(self.config, self.numerics, step)
-        self.checkpoint_interval = checkpoint_interval if prefix_cache else None
-        # A batch-invariant engine's prompt chunks are never cut short: leave room for one beside the decodes.
-        budget = max_num_batched_tokens or chunk_size + (max_num_seqs if batch_invariant else 0)
-        self.scheduler = Scheduler(
-            self.pool,
-            max_num_seqs,
-            budget,
-            chunk_size,
-            aligned_chunks=batch_invariant,
-            prefix_cache=self.prefix_cache,
-            checkpoint_interval=self.checkpoint_interval,
-        )
-        self.runner = ModelRunner(self.model, Sampler(torch.Generator(self.device).manual_seed(seed)))
-        self._requests: dict[str, Sequence] = {}
-        self._ids = itertools.count()
+            if self.replicas is not None:
+                self.replicas.wait_ready(self.pool)
+            self.chunk_size = chunk_size
+            self.prefix_cache: PrefixCache | None = None
+            if prefix_cache:
+                disk = None
+                if session_dir is not None:
+                    fingerprint = session_fingerprint(path, self.config, numerics, block_tokens, chunk_size)
+                    disk = SessionStore(session_dir, session_disk_bytes, fingerprint)
+                self.prefix_cache = PrefixCache(self.pool, disk)
+                if checkpoint_interval is None:
+                    step = math.lcm(chunk_size, block_tokens)
+                    checkpoint_interval = layout.checkpoint_interval(self.config, self.numerics, step)
+            self.checkpoint_interval = checkpoint_interval if prefix_cache else None
+            # A batch-invariant engine's prompt chunks are never cut short: leave room for one beside the decodes.
+            budget = max_num_batched_tokens or chunk_size + (max_num_seqs if batch_invariant else 0)
+            self.scheduler = Scheduler(
+                self.pool,
+                max_num_seqs,
+                budget,
+                chunk_size,
+                aligned_chunks=batch_invariant,
+                prefix_cache=self.prefix_cache,
+                checkpoint_interval=self.checkpoint_interval,
+            )
+            sampler = Sampler(torch.Generator(self.device).manual_seed(seed))
+            self.runner = ModelRunner(self.model, sampler, self.replicas)
+            self._requests: dict[str, Sequence] = {}
+            self._ids = itertools.count()
+        except BaseException:
+            self.close()
+            raise
 
     def _blocks_for(self, kv_cache_bytes: int | None, max_num_seqs: int, slots: int, block_tokens: int) -> int:
         if kv_cache_bytes is None:
@@ -306,12 +326,26 @@ class LLM:
         """Compile what the model would otherwise compile on its first decodes (the mHC loop of each decode
         batch size), so that the first requests do not wait for it; ``dsv4 serve`` calls it before it listens."""
         model, _ = self._engine()
-        if model.device.type == "cpu":  # the loop is compiled for CPU only
-            c = self.config
-            compile_decode_batches(c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps)
+        if self.replicas is not None:
+            self.replicas.warm_up()
+        warm_up(model)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one process). The engine cannot step after."""
+        if self.replicas is not None:
+            self.replicas.close()
+            self._closed = True
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ requests
     def _engine(self) -> tuple[Transformer, Scheduler]:
+        if self._closed:
+            raise ValueError("this engine was closed: its tensor-parallel workers are gone")
         if self.model is None or self.scheduler is None:
             raise ValueError(f"{self.source} has shapes only, no weights: pass a checkpoint directory to generate")
         return self.model, self.scheduler
@@ -394,6 +428,8 @@ class LLM:
         try:
             results = self.runner.run(scheduled.chunks)
         except Exception as error:
+            if self.replicas is not None:  # the ranks may now wait in different collectives
+                raise self.replicas.fail(error) from error
             failed = [chunk.seq for chunk in scheduled.chunks]
             for seq in failed:
                 scheduler.fail(seq)

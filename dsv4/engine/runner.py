@@ -9,13 +9,26 @@ sampled (the last row of each chunk that reaches its sequence's last known token
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from dsv4.engine.sampler import SampledToken, Sampler
 from dsv4.engine.scheduler import Chunk
 from dsv4.model.attention import Span
+from dsv4.model.hyper import compile_decode_batches
 from dsv4.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from dsv4.engine.tensor_parallel import TensorParallelGroup
+
+
+def warm_up(model: Transformer) -> None:
+    """Compile what the model would otherwise compile on its first decodes: the mHC loop of each decode
+    batch size (compiled for CPU only)."""
+    if model.device.type == "cpu":
+        c = model.config
+        compile_decode_batches(c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps)
 
 
 @dataclass
@@ -26,8 +39,11 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, sampler: Sampler):
-        self.model, self.sampler = model, sampler
+    """Runs each step on rank 0's model; with ``replicas`` (tensor parallelism) every other rank is first
+    told the same step, so that they all enter the forward's collectives together."""
+
+    def __init__(self, model: Transformer, sampler: Sampler, replicas: TensorParallelGroup | None = None):
+        self.model, self.sampler, self.replicas = model, sampler, replicas
 
     def run(self, chunks: list[Chunk]) -> list[StepResult]:
         """Forward every chunk and sample the chunks that complete their sequence's known tokens."""
@@ -45,6 +61,8 @@ class ModelRunner:
                 sampling.append(chunk)
         if not spans:
             return []
+        if self.replicas is not None:
+            self.replicas.plan(ids, spans, rows)
         device = self.model.device
         tokens, rows_t = torch.tensor(ids, device=device), torch.tensor(rows, dtype=torch.long, device=device)
         logits = self.model(tokens, spans, rows_t).logits

@@ -35,6 +35,7 @@ def run_vectors_through_engine(
     batch: bool = False,
     reuse: int | None = None,
     device: str | torch.device = "cpu",
+    tp: int = 1,
 ) -> dict[int, torch.Tensor]:
     """Logits [1 + decode tokens, vocab] per prompt index: row 0 at the last prompt position, row j after
     the teacher-forced decode token j-1.
@@ -43,7 +44,7 @@ def run_vectors_through_engine(
     ``batch`` every prompt is prefilled whole in one ragged step. With ``reuse`` each prompt runs as two
     requests, as an agent's turns do: its first ``reuse`` tokens, then the whole prompt, which must restore
     those tokens from the prefix cache and compute only the rest. Then the ``decode_ids`` are fed one per
-    step in place of sampled tokens.
+    step in place of sampled tokens. ``tp`` splits the model over that many processes.
     """
     if sum((chunk is not None, batch, reuse is not None)) != 1 or (chunk or 1) < 1 or (reuse or 1) < 1:
         raise ValueError("pass either a positive chunk size, batch=True or a positive reuse length")
@@ -56,7 +57,7 @@ def run_vectors_through_engine(
     longest = max(len(p) + len(d) for p, d in zip(prompts, decodes, strict=True))
     chunk_size = chunk if chunk is not None else max(len(p) for p in prompts)
     block_tokens = REUSE_BLOCK_TOKENS if reuse is not None else layout.DEFAULT_BLOCK_TOKENS
-    llm = LLM(
+    with LLM(
         vector_dir / manifest["checkpoint"]["dir"],
         mode,
         max_num_seqs=n,
@@ -66,7 +67,12 @@ def run_vectors_through_engine(
         max_num_batched_tokens=n * chunk_size,
         progress=False,
         device=device,
-    )
+        tp=tp,
+    ) as llm:
+        return _run(llm, prompts, decodes, reuse)
+
+
+def _run(llm: LLM, prompts: list[list[int]], decodes: list[list[int]], reuse: int | None) -> dict[int, torch.Tensor]:
     cut = [min(reuse, len(p) - 1) for p in prompts] if reuse is not None else []
     if reuse is not None:
         for prompt, n_first in zip(prompts, cut, strict=True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from dsv4.server.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
 from dsv4.tiny import TINY_RANDOM, TINY_RANDOM_CONTEXT
 
 log = logging.getLogger("dsv4.server")
+# Exit status of a server ended by the death of a tensor-parallel worker.
+WORKER_FAILURE_EXIT = 3
 
 
 def _is_loopback(host: str) -> bool:
@@ -117,6 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from dsv4.engine.llm import LLM
+    from dsv4.engine.tensor_parallel import default_tp, serve_if_worker
     from dsv4.server.app import configure_logging, create_app
     from dsv4.server.engine_client import LLMEngineClient
     from dsv4.server.fault_injection import install_fault_injection
@@ -128,6 +132,8 @@ def _serve(args: argparse.Namespace) -> int:
     limits = server_limits(args)
     check_max_model_len(args.max_model_len, args.model, model_context(args.model))
     configure_logging(args.log_level)
+    if serve_if_worker(args.device):
+        return 0
     llm = LLM(
         args.model,
         args.numerics,
@@ -137,8 +143,11 @@ def _serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_invariant=args.batch_invariant,
         device=args.device,
+        tp=args.tp or default_tp(),
         **cache_kwargs,
     )
+    if llm.replicas is not None:
+        llm.replicas.on_failure = _exit_on_worker_failure
     if llm.model is None:
         raise ValueError(f"{args.model} is a preset with shapes only: serve a checkpoint directory or {TINY_RANDOM}")
     check_max_model_len(args.max_model_len, args.model, llm.config.max_position_embeddings)
@@ -171,8 +180,19 @@ def _serve(args: argparse.Namespace) -> int:
     # uvicorn drains on SIGTERM, then re-raises the signal with the handler it found installed; a no-op
     # one lets a graceful shutdown end with status 0 instead of death by signal
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.Server(uvicorn_config).run()
+    try:
+        uvicorn.Server(uvicorn_config).run()
+    finally:
+        llm.close()
     return 0
+
+
+def _exit_on_worker_failure(message: str) -> None:
+    """A tensor-parallel worker died: the engine thread may be waiting on its collective for good, so the
+    server ends here, with the worker's error, rather than hang or answer with a partial model."""
+    log.critical("%s\nthe server stops: a tensor-parallel engine cannot run without all of its ranks", message)
+    logging.shutdown()
+    os._exit(WORKER_FAILURE_EXIT)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -193,6 +213,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--numerics", default=None, help="bf16_official, fp32_sim or fp32_nosim (default: by checkpoint)")
     p.add_argument("--device", default="cpu", help="where the model, its cache and sampling run: cpu, cuda, cuda:N")
+    p.add_argument("--tp", type=int, default=None, help="split the model over N processes (default: torchrun's, or 1)")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences the engine runs at once")
     p.add_argument("--max-queue", type=int, default=64, help="sequences that may wait beyond those; then 429")
     p.add_argument(

@@ -1,0 +1,108 @@
+"""The engine split over processes (``LLM(tp=N)``, ``dsv4 serve --tp N``): rank 0 schedules, every rank
+computes. What one process computes, two must compute too - through batching, chunked prefill and the
+prefix cache, whose allocations the workers replay - and a worker that dies must end the engine with its
+error, never hang it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from test_server_engine import free_port, wait_for
+
+from dsv4.engine.llm import LLM
+from dsv4.engine.sampling import SamplingParams
+from dsv4.engine.tensor_parallel import WorkerFailed
+from dsv4.engine.vectors import run_vectors_through_engine
+
+# fp32_nosim through two ranks sums the row-parallel partial products in another order than one GEMM
+# does: a few fp32 ulps on logits of magnitude ~10, far inside the vector sets' 1e-4 tolerance.
+TP_FP32_TOLERANCE = 1e-4
+
+
+def test_vectors_through_two_ranks_match_one(reference_dir: Path) -> None:
+    """The reference prompts, prefilled in one ragged batch then decoded together, through tp=2 and tp=1."""
+    one = run_vectors_through_engine(reference_dir, "fp32_nosim", batch=True)
+    two = run_vectors_through_engine(reference_dir, "fp32_nosim", batch=True, tp=2)
+    for i in one:
+        assert (one[i] - two[i]).abs().max() <= TP_FP32_TOLERANCE, f"prompt {i}"
+        assert torch.equal(one[i].argmax(-1), two[i].argmax(-1)), f"prompt {i}"
+
+
+def _agent_turns(llm: LLM) -> list[list[int]]:
+    """Two sequences in chunks beside each other, then a second turn that extends the first one's prompt and
+    output and must restore them from the prefix cache (forks and frees that the workers replay)."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    first = llm.generate(["The quick brown fox jumps over the lazy dog. " * 4, "Tensor parallel " * 9], greedy)
+    again = first[0].prompt_token_ids + first[0].token_ids + list(range(300, 340))
+    second = llm.generate([again], greedy)[0]
+    assert second.num_cached_tokens >= len(first[0].prompt_token_ids)
+    return [out.token_ids for out in [*first, second]]
+
+
+def test_greedy_generations_identical(tiny_checkpoint: Path) -> None:
+    kwargs = {"max_num_seqs": 2, "chunk_size": 32, "progress": False}
+    with LLM(tiny_checkpoint, "fp32_nosim", **kwargs) as one:
+        want = _agent_turns(one)
+    with LLM(tiny_checkpoint, "fp32_nosim", tp=2, **kwargs) as two:
+        assert _agent_turns(two) == want
+
+
+def test_a_dead_worker_fails_the_engine_with_its_exit(tiny_checkpoint: Path) -> None:
+    with LLM(tiny_checkpoint, "fp32_nosim", tp=2, progress=False) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=4)
+        llm.generate([[5, 6, 7]], params)
+        assert llm.replicas is not None
+        worker = llm.replicas._processes[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=30)
+        wait_for(lambda: llm.replicas is not None and llm.replicas._failure is not None, timeout=30)
+        with pytest.raises(WorkerFailed, match="exited with code -9"):
+            llm.generate([[5, 6, 7]], params)
+
+
+def test_tp_that_does_not_divide_the_model_is_refused(tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="divisible|split"):
+        LLM(tiny_checkpoint, "fp32_nosim", tp=3, progress=False)
+
+
+def test_serve_tp2_answers_and_ends_when_a_worker_dies(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    command = [sys.executable, "-m", "dsv4.cli", "serve", "--model", "tiny-random", "--tp", "2", "--port", str(port)]
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log_file:
+        server = subprocess.Popen(command, env=env, stderr=log_file, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def healthy() -> bool:
+            assert server.poll() is None, log_path.read_text()
+            try:
+                return httpx.get(f"{base}/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, timeout=240)
+        body = {"model": "tiny-random", "prompt": [5, 6, 7, 8], "max_tokens": 8, "ignore_eos": True}
+        response = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        assert json.loads(response.text)["usage"]["completion_tokens"] == 8
+
+        find = ["pgrep", "-P", str(server.pid), "-f", "spawn_main"]  # the spawned rank, not the resource tracker
+        workers = subprocess.run(find, capture_output=True, text=True).stdout.split()
+        assert len(workers) == 1
+        os.kill(int(workers[0]), signal.SIGKILL)
+        assert server.wait(timeout=60) == 3
+        assert "tensor-parallel worker" in log_path.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
