@@ -283,6 +283,24 @@ def weight_bytes(config: ModelConfig) -> WeightBytes:
     return WeightBytes(by_kind=by_kind, mtp=mtp, activated_per_token=activated)
 
 
+def rank_weight_bytes(config: ModelConfig, world_size: int) -> list[int]:
+    """Weight bytes each of ``world_size`` tensor-parallel ranks holds: its slices of the split tensors, its
+    routed experts and every replicated tensor (``dsv4.model.parallel.tensor_shard``'s layout)."""
+    from dsv4.model.parallel import ParallelContext, tensor_shard
+
+    tensors = expected_tensors(config)
+    out = []
+    for rank in range(world_size):
+        parallel = ParallelContext(world_size, rank)
+        held = 0
+        for name, (shape, dtype) in tensors.items():
+            shard = tensor_shard(name, config, parallel)
+            if shard is not None:
+                held += math.prod(shard.shape(shape)) * dtype.itemsize
+        out.append(held)
+    return out
+
+
 @dataclass(frozen=True)
 class ModelCosts:
     name: str

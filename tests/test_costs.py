@@ -335,7 +335,25 @@ def test_info_prints_weight_bytes(capsys: pytest.CaptureFixture[str]) -> None:
 
     from dsv4.commands.info import run
 
-    assert run(argparse.Namespace(model="v4-flash")) == 0
+    assert run(argparse.Namespace(model="v4-flash", tp=4)) == 0
     out = capsys.readouterr().out
     assert "weights: 159.61 GB (FP4 150.59, FP8 6.02" in out  # the 160 GB the V4-Flash repository holds
     assert "read per decoded token: 11.22 GB" in out
+    assert "per rank with --tp 4: 41.61, 41.61, 41.61, 41.61 GB" in out  # fits an H200's 141 GB with room for cache
+
+
+def test_rank_weight_bytes_are_what_each_rank_builds(tiny_checkpoint: Path) -> None:
+    """``dsv4 info --tp N``'s per-rank figures, against the tensors each rank's model allocates (built on the
+    meta device: shapes only), and the split adding up to the whole checkpoint plus the replicas."""
+    from dsv4.costs import rank_weight_bytes, weight_bytes
+    from dsv4.model.parallel import ParallelContext
+    from dsv4.model.transformer import Transformer
+
+    config = ModelConfig.from_file(tiny_checkpoint)
+    per_rank = rank_weight_bytes(config, 2)
+    for rank, expected in enumerate(per_rank):
+        with torch.device("meta"):
+            model = Transformer(config, "bf16_official", ParallelContext(2, rank))
+        assert sum(t.nbytes for t in model.state_dict().values()) == expected
+    total = weight_bytes(config).total
+    assert total < sum(per_rank) < 2 * total  # the replicated tensors are held twice, the split ones once

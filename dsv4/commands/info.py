@@ -7,7 +7,7 @@ import argparse
 
 from dsv4.cache.layout import bytes_per_token, state_bytes_per_sequence
 from dsv4.config import load_config
-from dsv4.costs import weight_bytes
+from dsv4.costs import rank_weight_bytes, weight_bytes
 
 GB = 10**9
 
@@ -32,6 +32,13 @@ def run(args: argparse.Namespace) -> int:
         f"  read per decoded token: {weights.activated_per_token / GB:,.2f} GB (all but the unrouted experts), "
         f"at most {100 * GB / weights.activated_per_token:,.1f} tokens/s per 100 GB/s of memory bandwidth"
     )
+    if args.tp > 1:
+        ranks = rank_weight_bytes(config, args.tp)
+        held = ", ".join(f"{n / GB:,.2f}" for n in ranks)
+        print(
+            f"  per rank with --tp {args.tp}: {held} GB (split tensors and owned experts 1/{args.tp} each, "
+            f"the rest replicated; each rank also holds the whole KV cache)"
+        )
     for mode in ("bf16_official", "fp32_nosim"):
         per_token = float(bytes_per_token(config, mode).total)
         state = state_bytes_per_sequence(config, mode).total
@@ -42,4 +49,5 @@ def run(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a model's layer schedule and cache sizes")
     p.add_argument("model", help="a preset (v4-flash, v4-pro) or a directory with config.json")
+    p.add_argument("--tp", type=int, default=1, help="also show the weight bytes per rank split over N processes")
     p.set_defaults(func=run)
