@@ -135,11 +135,9 @@ def tensor_shard(name: str, config: ModelConfig, parallel: ParallelContext) -> S
         return WHOLE
     local = _BLOCK_PREFIX.sub("", name, count=1)
     expert = _EXPERT.match(local)
-    if expert:  # another rank's expert is not held; a number past the last expert is left to strict checks
-        e = int(expert.group(1))
-        return (
-            None if e < config.n_routed_experts and e not in parallel.owned_experts(config.n_routed_experts) else WHOLE
-        )
+    if expert:  # another rank's expert is not held; a number past the last expert is left to the strict checks
+        e, n_experts = int(expert.group(1)), config.n_routed_experts
+        return None if e < n_experts and e not in parallel.owned_experts(n_experts) else WHOLE
     is_scale = local.endswith(".scale")
     split = _SPLITS.get(local.removesuffix(".weight").removesuffix(".scale"))
     if split is None:
