@@ -52,9 +52,7 @@ def resident_bytes(model: torch.nn.Module) -> int:
 
 
 def checkpoint_bytes(path: Path) -> int:
-    return sum(
-        ITEMSIZE[dtype] * int(torch.Size(shape).numel()) for shape, dtype in checkpoint_tensors(path).values()
-    )
+    return sum(ITEMSIZE[dtype] * int(torch.Size(shape).numel()) for shape, dtype in checkpoint_tensors(path).values())
 
 
 def _run(model: torch.nn.Module, prompt: list[int], decode: int) -> None:
@@ -83,9 +81,7 @@ def test_resident_weights_stay_the_checkpoints_bytes(tiny_checkpoint: Path, mode
     assert resident_bytes(model) <= RESIDENT_BOUND * held
 
 
-def test_a_decode_step_reads_only_the_experts_it_chose(
-    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_decode_step_reads_only_the_experts_it_chose(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = load_model(tiny_checkpoint, "bf16_official", progress=False)
     owner = {}
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
