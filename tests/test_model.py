@@ -156,6 +156,24 @@ def test_sinkhorn_is_doubly_stochastic():
     assert ((post > 0) & (post < 2)).all()
 
 
+def test_compiled_sinkhorn_survives_thread_count_changes():
+    """Each thread count is a new set of compiled graphs (a dynamo guard): a process that changes it a few
+    times, as ``benchmarks/tp.py`` does per rank count, must not hit the recompile limit (a hard failure under
+    fullgraph), and the compiled loop keeps computing what the eager one does."""
+    from dsv4.model.hyper import _normalize, _sinkhorn_iterations, compile_decode_batches
+
+    comb = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.1
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1, 3, 1, 2):
+            torch.set_num_threads(threads)
+            compile_decode_batches(4, 20, 1e-6)
+            with torch.inference_mode():
+                assert torch.equal(_normalize(comb, 20, 1e-6), _sinkhorn_iterations(comb, 20, 1e-6))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_yarn_frequencies_match_the_spec():
     """Flash numbers: pairs 0..15 keep their frequency, pairs >= 25 are divided by 16 (spec §3.3)."""
     flash = ModelConfig.preset("v4-flash")

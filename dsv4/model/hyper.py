@@ -52,6 +52,10 @@ def _sinkhorn_iterations(comb: torch.Tensor, iters: int, eps: float) -> torch.Te
 # inputs (prefill) are few per step and stay eager. Rows are independent, so padding changes no bits.
 COMPILED_ROWS = 16
 _compiled_iterations = torch.compile(_sinkhorn_iterations, dynamic=False, fullgraph=True)
+# Dynamo guards its graphs on the torch thread count, so a process that changes it (benchmarks/tp.py gives
+# each rank count its share of the cores) needs the five graphs again per count; past the default limit of
+# 8 a fullgraph compile fails outright. Room for a dozen thread counts.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 @torch.inference_mode()
