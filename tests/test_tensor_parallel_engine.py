@@ -105,3 +105,24 @@ def test_serve_tp2_answers_and_ends_when_a_worker_dies(tmp_path: Path) -> None:
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_torchrun_starts_the_ranks_itself(tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m dsv4.cli generate``: rank 1 becomes a worker, rank 0 the engine, and
+    the greedy text is one process's."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    generate = ["-m", "dsv4.cli", "generate", "--model", "tiny-random", "--prompt", "Hello", "--quiet"]
+    generate += ["--numerics", "fp32_nosim", "--temperature", "0", "--max-tokens", "8"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(free_port()),
+    ]
+    two = subprocess.run([*torchrun, *generate], env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable, *generate], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0 and one.returncode == 0, two.stderr[-2000:] + one.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
