@@ -12,7 +12,7 @@ import torch
 
 from dsv4.cache.contiguous import ContiguousCache
 from dsv4.checkpoint import checkpoint_tensors
-from dsv4.model.attention import Span
+from dsv4.model.batch import Span
 from dsv4.model.loading import load_model
 from dsv4.model.moe import MoE
 from dsv4.numerics import gemm

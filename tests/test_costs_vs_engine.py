@@ -10,7 +10,7 @@ import torch
 
 from dsv4.cache.pool import KVPool
 from dsv4.cli import main
-from dsv4.model.attention import Span
+from dsv4.model.batch import Span
 from dsv4.model.loading import load_model
 
 CONTEXTS = (1, 130, 256, 257, 600)

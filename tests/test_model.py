@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from dsv4.cache.contiguous import ContiguousCache
 from dsv4.commands.check_vectors import check_kernels, check_mode
 from dsv4.config import ModelConfig
-from dsv4.model.attention import Span, window_indices
+from dsv4.model.attention import window_indices
+from dsv4.model.batch import Span
 from dsv4.model.compressor import Compressor
 from dsv4.model.hyper import sinkhorn_split
 from dsv4.model.loading import load_model

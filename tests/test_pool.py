@@ -15,7 +15,7 @@ from dsv4.cache.contiguous import ContiguousCache
 from dsv4.cache.pool import KVPool, PagedSequence, PoolExhausted
 from dsv4.checkpoint import load_checkpoint
 from dsv4.config import KV_FP8_BLOCK, LayerKind, ModelConfig
-from dsv4.model.attention import Span
+from dsv4.model.batch import Span
 from dsv4.model.transformer import Transformer
 from dsv4.numerics.formats import fp4_simulate, fp8_simulate
 from dsv4.numerics.modes import MODES, get_numerics

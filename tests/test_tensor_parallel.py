@@ -58,7 +58,7 @@ from dsv4.cache.contiguous import ContiguousCache
 from dsv4.checkpoint import INDEX_NAME, CheckpointError, expected_tensors
 from dsv4.config import ModelConfig
 from dsv4.model import attention, hyper
-from dsv4.model.attention import Span
+from dsv4.model.batch import Span
 from dsv4.model.linear import Linear
 from dsv4.model.loading import load_model
 from dsv4.model.parallel import WHOLE, ParallelContext, tensor_shard

@@ -42,7 +42,7 @@ from transformers import DeepseekV4ForCausalLM, DynamicCache, FineGrainedFP8Conf
 from dsv4.cache.contiguous import ContiguousCache  # noqa: E402
 from dsv4.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from dsv4.config import ModelConfig  # noqa: E402
-from dsv4.model.attention import Span  # noqa: E402
+from dsv4.model.batch import Span  # noqa: E402
 from dsv4.model.transformer import Transformer  # noqa: E402
 from dsv4.tiny import random_state, tiny_config  # noqa: E402
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.cache.view import LayerCache, LoopDecodeGroup
+from dsv4.cache.view import DecodeStep, LayerCache, LoopDecodeGroup
 
 
 class _Growing:
@@ -76,8 +76,8 @@ class ContiguousLayerCache:
     def entry_pieces(self, name: str) -> list[torch.Tensor]:
         return [self.entries(name)]
 
-    def decode_group(self, caches: list[LayerCache], positions: torch.Tensor) -> LoopDecodeGroup:
-        return LoopDecodeGroup(caches, positions, self.window_size)
+    def decode_group(self, caches: list[LayerCache], step: DecodeStep) -> LoopDecodeGroup:
+        return LoopDecodeGroup(caches, step, self.window_size)
 
 
 class ContiguousCache:

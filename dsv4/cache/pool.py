@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.cache import layout
+from dsv4.cache.view import DecodeStep
 from dsv4.config import FP4_BLOCK, KV_FP8_BLOCK, LayerKind, LayerSpec, ModelConfig
 from dsv4.device import device_scope
 from dsv4.numerics.formats import FP4_VALUES, e8m0_to_float, pack_fp4_entries, pack_fp8_entries, unpack_fp8_entries
@@ -302,24 +303,29 @@ class PagedLayerCache:
             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
         ]
 
-    def decode_group(self, caches: list[PagedLayerCache], positions: torch.Tensor) -> PagedDecodeGroup:
-        return PagedDecodeGroup(caches, positions)
+    def decode_group(self, caches: list[PagedLayerCache], step: DecodeStep) -> PagedDecodeGroup:
+        return PagedDecodeGroup(caches, step)
 
 
 class PagedDecodeGroup:
     """One layer's caches of several pool sequences that each add one token (implements
     ``view.DecodeGroup``): every read is one gather through the members' slots and block tables."""
 
-    def __init__(self, caches: list[PagedLayerCache], positions: torch.Tensor):
-        self.caches, self.positions = caches, positions
+    def __init__(self, caches: list[PagedLayerCache], step: DecodeStep):
+        self.caches, self.step, self.positions = caches, step, step.positions_t
         self.store = caches[0].store
         assert all(c.store is self.store for c in caches), "a decode group spans one layer of one pool"
-        self.slots = torch.tensor([c.seq.slot for c in caches])
-        self.tables = torch.nn.utils.rnn.pad_sequence([c.seq.table for c in caches], batch_first=True)
+        self.slots, self.tables = step.derived("paged", lambda: self._index(caches))
+
+    @staticmethod
+    def _index(caches: list[PagedLayerCache]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' state slots and padded block tables: the same for every layer of the step."""
+        slots = torch.tensor([c.seq.slot for c in caches])
+        return slots, torch.nn.utils.rnn.pad_sequence([c.seq.table for c in caches], batch_first=True)
 
     def advance_window(self, kv: torch.Tensor) -> torch.Tensor:
         w = self.store.window
-        for cache, p in zip(self.caches, self.positions.tolist(), strict=True):
+        for cache, p in zip(self.caches, self.step.positions, strict=True):
             if p != cache.end:
                 raise ValueError(f"cache holds positions up to {cache.end}, asked to continue at {p}")
         back = self.positions.unsqueeze(1) - torch.arange(w - 1, 0, -1)  # positions p-w+1 .. p-1

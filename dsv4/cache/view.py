@@ -13,7 +13,9 @@ Two kinds of state per layer, matching V4's two-tier cache:
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -50,9 +52,26 @@ class LayerCache(Protocol):
         exactly ``num_entries`` rows: CPU GEMMs round alike for every row count from 12 up."""
         ...
 
-    def decode_group(self, caches: list[LayerCache], positions: torch.Tensor) -> DecodeGroup:
-        """``caches`` (of one layer, this one among them) as one ``DecodeGroup`` adding tokens at ``positions``."""
+    def decode_group(self, caches: list[LayerCache], step: DecodeStep) -> DecodeGroup:
+        """``caches`` (one layer's of ``step.sequences``, this one among them) as one ``DecodeGroup``."""
         ...
+
+
+@dataclass
+class DecodeStep:
+    """The sequences that each add one token in a forward, described once for all of its layers."""
+
+    sequences: list[SequenceCache]
+    positions: list[int]  # each member's new token's position: host ints, for checks and bookkeeping
+    positions_t: torch.Tensor  # the same on the step's device, for index arithmetic
+    _derived: dict[str, Any] = field(default_factory=dict)
+
+    def derived(self, key: str, build: Callable[[], Any]) -> Any:
+        """What a cache derives from the members for every layer (the pool: slots, block tables), built by
+        the first layer that asks."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
 
 class DecodeGroup(Protocol):
@@ -64,7 +83,8 @@ class DecodeGroup(Protocol):
     """
 
     caches: list[LayerCache]
-    positions: torch.Tensor  # [S] the position of each member's new token
+    step: DecodeStep
+    positions: torch.Tensor  # [S] the position of each member's new token (``step.positions_t``)
 
     def advance_window(self, kv: torch.Tensor) -> torch.Tensor:
         """Append each member's new row (kv [S, d]) to its window and return the windows [S, window_size, d]:
@@ -98,12 +118,12 @@ class DecodeGroup(Protocol):
 class LoopDecodeGroup:
     """A ``DecodeGroup`` over any ``LayerCache``s, one member at a time (for caches of one sequence each)."""
 
-    def __init__(self, caches: list[LayerCache], positions: torch.Tensor, window_size: int):
-        self.caches, self.positions, self.window_size = caches, positions, window_size
+    def __init__(self, caches: list[LayerCache], step: DecodeStep, window_size: int):
+        self.caches, self.step, self.positions, self.window_size = caches, step, step.positions_t, window_size
 
     def advance_window(self, kv: torch.Tensor) -> torch.Tensor:
         out = kv.new_zeros(len(kv), self.window_size, kv.shape[-1])
-        for i, (cache, p) in enumerate(zip(self.caches, self.positions.tolist(), strict=True)):
+        for i, (cache, p) in enumerate(zip(self.caches, self.step.positions, strict=True)):
             before = cache.window(p)
             if len(before):
                 out[i, -1 - len(before) : -1] = before

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from dsv4.cache.contiguous import ContiguousCache
 from dsv4.checkpoint import open_checkpoint_config
 from dsv4.device import resolve_device
-from dsv4.model.attention import Span
+from dsv4.model.batch import Span
 from dsv4.model.hyper import sinkhorn_split
 from dsv4.model.loading import load_model
 from dsv4.model.sparse_attention import sparse_attention

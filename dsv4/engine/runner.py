@@ -15,7 +15,7 @@ import torch
 
 from dsv4.engine.sampler import SampledToken, Sampler
 from dsv4.engine.scheduler import Chunk
-from dsv4.model.attention import Span
+from dsv4.model.batch import Span
 from dsv4.model.hyper import compile_decode_batches
 from dsv4.model.transformer import Transformer
 

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from dsv4.cache.pool import KVPool, PoolOp
 from dsv4.device import device_scope
 from dsv4.engine.runner import warm_up
-from dsv4.model.attention import Span
+from dsv4.model.batch import Span
 from dsv4.model.loading import load_model
 from dsv4.model.parallel import ParallelContext
 from dsv4.numerics.modes import Numerics

@@ -10,13 +10,13 @@ keys) and projected through grouped low-rank matrices.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dsv4.cache.view import LayerCache, SequenceCache
+from dsv4.cache.view import LayerCache
 from dsv4.config import KV_FP8_BLOCK, LayerKind, LayerSpec, ModelConfig
+from dsv4.model.batch import StepBatch
 from dsv4.model.compressor import Compressor
 from dsv4.model.indexer import Indexer
 from dsv4.model.linear import Linear
@@ -26,20 +26,6 @@ from dsv4.model.rope import Rotary
 from dsv4.model.sparse_attention import BLOCK, keys_with_zero_row, sparse_attention_on_keys
 from dsv4.numerics.formats import fp8_simulate
 from dsv4.numerics.modes import Numerics
-
-
-@dataclass
-class Span:
-    """One sequence's slice of a flattened batch: tokens [start, start+length) at positions pos0.."""
-
-    start: int
-    length: int
-    pos0: int
-    cache: SequenceCache
-
-    @property
-    def rows(self) -> slice:
-        return slice(self.start, self.start + self.length)
 
 
 @functools.cache
@@ -123,9 +109,9 @@ class Attention(nn.Module):
         if spec.kind == LayerKind.CSA:
             self.indexer = Indexer(config, numerics, self.rotary, parallel)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """x [T, d] (normed, collapsed) of all spans -> [T, d]."""
-        cis = self.rotary.at(positions)
+        cis = self.rotary.at(batch.positions)
         qr = self.q_norm(self.wq_a(x))
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
         q = self.rotary.rotate(head_rms_normalize(q, self.eps, self.numerics), cis)
@@ -141,14 +127,11 @@ class Attention(nn.Module):
         if self.spec.kind == LayerKind.CSA:
             indexed = (*self.indexer.project(x, qr, cis), self.indexer.compressor.project(x))
         parts = []
-        decoding = [span for span in spans if span.length == 1]
-        if decoding:
-            rows = torch.tensor([span.start for span in decoding])
-            parts.append((rows, *self._gather_decode(decoding, rows, kv, compressed, indexed)))
-        for span in spans:
-            if span.length > 1:
-                cache = span.cache.layer(self.layer_index)
-                parts.append((span.rows, *self._gather(span.rows, kv, compressed, indexed, span.pos0, cache)))
+        if batch.decodes:
+            parts.append((batch.decode_rows, *self._gather_decode(batch, kv, compressed, indexed)))
+        for span in batch.prefills:
+            cache = span.cache.layer(self.layer_index)
+            parts.append((span.rows, *self._gather(span.rows, kv, compressed, indexed, span.pos0, cache)))
         keys, indices = _assemble(len(x), parts, self.numerics.batch_invariant)
         o = sparse_attention_on_keys(q, keys, indices, self.attn_sink, self.softmax_scale)
 
@@ -162,8 +145,7 @@ class Attention(nn.Module):
 
     def _gather_decode(
         self,
-        spans: list[Span],
-        rows: torch.Tensor,
+        batch: StepBatch,
         kv: torch.Tensor,
         compressed: tuple[torch.Tensor, torch.Tensor] | None,
         indexed: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None,
@@ -175,16 +157,13 @@ class Attention(nn.Module):
         The lists name the same keys in the same order as ``_gather``'s (window rows oldest first, then the
         entries in top-k order), so each query attends to exactly what it would on its own.
         """
-        caches = [span.cache.layer(self.layer_index) for span in spans]
-        positions = torch.tensor([span.pos0 for span in spans])
-        group = caches[0].decode_group(caches, positions)
-        n, w = len(spans), self.window
-        windows = group.advance_window(kv[rows])
-        # Member i's window holds positions p-w+1 .. p; the list starts at its first non-negative one.
-        shift = (w - 1 - positions).clamp(min=0).unsqueeze(1)
-        slot = torch.arange(w) + shift
-        lists = torch.where(slot < w, torch.arange(n).unsqueeze(1) * w + slot, -1)
-        keys = windows.flatten(0, 1)
+        step, rows = batch.decode_step, batch.decode_rows
+        assert step is not None
+        caches = [span.cache.layer(self.layer_index) for span in batch.decodes]
+        group = caches[0].decode_group(caches, step)
+        n = len(caches)
+        keys = group.advance_window(kv[rows]).flatten(0, 1)
+        lists = batch.window_lists
 
         ratio = self.spec.compress_ratio
         if not ratio:
@@ -196,7 +175,7 @@ class Attention(nn.Module):
         self.compressor.pool_group(compressed[0][rows], compressed[1][rows], group, "kv")
         if indexed is None:  # HCA: every complete entry
             j = torch.arange(max(cache.num_entries("kv") for cache in caches))  # host ints: no device sync
-            chosen = torch.where(j < ((positions + 1) // ratio).unsqueeze(1), j, -1)
+            chosen = torch.where(j < ((step.positions_t + 1) // ratio).unsqueeze(1), j, -1)
         k = chosen.shape[1]
         if k == 0:
             return [keys], lists

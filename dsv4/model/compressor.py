@@ -94,7 +94,10 @@ class Compressor(nn.Module):
         score = score + self.ape[positions % r]
         tail = 2 * r if self.overlap else r
         kv, score = group.push_frontier(name, kv, score, tail)
-        done = torch.nonzero((positions + 1) % r == 0).flatten()
+        # the members whose token completes a window, from the host positions (reading the device's is a sync)
+        hosts = group.step.positions
+        complete = [i for i, p in enumerate(hosts) if (p + 1) % r == 0]
+        done = group.step.derived(f"complete/{r}", lambda: torch.tensor(complete, dtype=torch.long))
         if not len(done):
             return
         kv, score, starts = kv[done], score[done], positions[done] + 1 - r

@@ -83,7 +83,7 @@ class Indexer(nn.Module):
         is scored and ranked exactly as it would be outside the group."""
         picked = [
             self.select(q[i : i + 1], weights[i : i + 1], pos, cache)[0]
-            for i, (cache, pos) in enumerate(zip(group.caches, group.positions.tolist(), strict=True))
+            for i, (cache, pos) in enumerate(zip(group.caches, group.step.positions, strict=True))
         ]
         return torch.nn.utils.rnn.pad_sequence(picked, batch_first=True, padding_value=-1)
 

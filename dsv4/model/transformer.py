@@ -15,7 +15,8 @@ from torch import nn
 
 from dsv4.config import LayerSpec, ModelConfig
 from dsv4.device import device_scope
-from dsv4.model.attention import Attention, Span
+from dsv4.model.attention import Attention
+from dsv4.model.batch import Span, StepBatch
 from dsv4.model.hyper import hc_head, hc_post, hc_pre
 from dsv4.model.linear import Linear
 from dsv4.model.moe import MoE
@@ -42,20 +43,18 @@ class Block(nn.Module):
         self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _fp32(mix, width), _fp32(mix), _fp32(3)
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _fp32(mix, width), _fp32(mix), _fp32(3)
 
-    def forward(
-        self, h: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor, spans: list[Span]
-    ) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """h [T, hc, d] -> [T, hc, d]."""
         c = self.config
         n = self.numerics
         x, post, comb = hc_pre(
             h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps, n
         )
-        h = hc_post(self.attn(self.attn_norm(x), positions, spans), h, post, comb)
+        h = hc_post(self.attn(self.attn_norm(x), batch), h, post, comb)
         x, post, comb = hc_pre(
             h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps, n
         )
-        return hc_post(self.ffn(self.ffn_norm(x), token_ids), h, post, comb)
+        return hc_post(self.ffn(self.ffn_norm(x), batch.tokens), h, post, comb)
 
 
 class MTPBlock(Block):
@@ -145,13 +144,13 @@ class Transformer(nn.Module):
         With more than one rank this is a collective: every rank calls it with the same arguments (each with
         its own replica of the caches) and every rank gets the whole vocabulary's logits."""
         with device_scope(self.device):
-            positions = torch.cat([torch.arange(s.pos0, s.pos0 + s.length) for s in spans])
-            if logit_rows is None:
-                logit_rows = torch.tensor([s.start + s.length - 1 for s in spans])
+            batch = StepBatch.build(tokens, spans, logit_rows, self.config.window_size)  # once, for every layer
             h = self._embed(tokens).unsqueeze(1).repeat(1, self.config.hc_mult, 1)
             for layer in self.layers:
-                h = layer(h, tokens, positions, spans)
-            logits = self._logits(h[logit_rows], self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
+                h = layer(h, batch)
+            logits = self._logits(
+                h[batch.logit_rows], self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm
+            )
         return ForwardOutput(logits=logits, hidden=h)
 
     @torch.inference_mode()
@@ -167,10 +166,9 @@ class Transformer(nn.Module):
         [T] the tokens at p+1 (the spans describe positions p, as for ``forward``). A collective, as ``forward``."""
         block = self.mtp[depth]
         with device_scope(self.device):
-            positions = torch.cat([torch.arange(s.pos0, s.pos0 + s.length) for s in spans])
-            if logit_rows is None:
-                logit_rows = torch.tensor([s.start + s.length - 1 for s in spans])
+            batch = StepBatch.build(next_tokens, spans, logit_rows, self.config.window_size)
             e = block.enorm(self._embed(next_tokens))
             h = block.e_proj(e).unsqueeze(1) + block.h_proj(block.hnorm(hidden))
-            h = block(h, next_tokens, positions, spans)
-            return self._logits(h[logit_rows], block.hc_head_fn, block.hc_head_scale, block.hc_head_base, block.norm)
+            h = block(h, batch)
+            rows = batch.logit_rows
+            return self._logits(h[rows], block.hc_head_fn, block.hc_head_scale, block.hc_head_base, block.norm)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from dsv4.engine.llm import LLM
-    from dsv4.model.attention import Span
+    from dsv4.model.batch import Span
     from dsv4.model.transformer import ForwardOutput
 
 log = logging.getLogger("dsv4.server")
