@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "dsv4.engine.commands",
     "dsv4.server.commands",
     "dsv4.costs",
+    "dsv4.train.commands",
 ]
 
 
