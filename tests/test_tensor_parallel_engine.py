@@ -55,6 +55,23 @@ def test_greedy_generations_identical(tiny_checkpoint: Path) -> None:
         assert _agent_turns(two) == want
 
 
+def test_a_session_restored_from_disk_on_two_ranks(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """An agent's next turn after a restart: rank 0 loads the checkpoint from the session directory and the
+    plan carries its tensors to the worker (an ``import_sequence`` replayed), so only the new tokens are
+    computed, and the turn continues as one process would."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    first = [(7 * i) % 1200 + 2 for i in range(150)]
+    kwargs = {"max_num_seqs": 2, "chunk_size": 32, "progress": False}
+    with LLM(tiny_checkpoint, "fp32_nosim", tp=2, session_dir=tmp_path, **kwargs) as llm:
+        out = llm.generate([first], greedy)[0]
+    second = first + out.token_ids + list(range(400, 430))
+    with LLM(tiny_checkpoint, "fp32_nosim", tp=2, session_dir=tmp_path, **kwargs) as llm:
+        warm = llm.generate([second], greedy)[0]
+        assert llm.prefix_stats().disk_hits == 1 and warm.num_cached_tokens >= len(first)
+    with LLM(tiny_checkpoint, "fp32_nosim", prefix_cache=False, **kwargs) as one:
+        assert warm.token_ids == one.generate([second], greedy)[0].token_ids
+
+
 def test_a_dead_worker_fails_the_engine_with_its_exit(tiny_checkpoint: Path) -> None:
     with LLM(tiny_checkpoint, "fp32_nosim", tp=2, progress=False) as llm:
         params = SamplingParams(temperature=0.0, max_tokens=4)
