@@ -68,8 +68,10 @@ def _byte_symbols() -> dict[int, str]:
     return symbols
 
 
-_BYTE_SYMBOLS = _byte_symbols()
-_SYMBOL_BYTES = {symbol: byte for byte, symbol in _BYTE_SYMBOLS.items()}
+# Byte -> the character a byte-level BPE vocabulary spells it with (GPT-2's alphabet): shared by every
+# writer and reader of such a vocabulary in dsv4 (the test tokenizers, the small model's trained one).
+BYTE_SYMBOLS = _byte_symbols()
+_SYMBOL_BYTES = {symbol: byte for byte, symbol in BYTE_SYMBOLS.items()}
 
 
 class IncrementalDetokenizer:
@@ -259,8 +261,8 @@ def build_test_tokenizer(vocab_size: int = 1280) -> ChatTokenizer:
     and two-character merges of common ASCII until the vocabulary is full, so every id a tiny model can
     sample decodes to something. Any UTF-8 text round-trips through encode and decode.
     """
-    symbols = [_BYTE_SYMBOLS[byte] for byte in range(256)]
-    merge_symbols = [_BYTE_SYMBOLS[ord(character)] for character in _MERGE_CHARACTERS]
+    symbols = [BYTE_SYMBOLS[byte] for byte in range(256)]
+    merge_symbols = [BYTE_SYMBOLS[ord(character)] for character in _MERGE_CHARACTERS]
     pairs = sorted(
         ((first, second) for first in range(len(merge_symbols)) for second in range(len(merge_symbols))),
         key=lambda pair: (pair[0] + pair[1], pair),

@@ -28,7 +28,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from dsv4.chat.encoding import DSML
 
 # The byte alphabet is the one ChatTokenizer reads token bytes with: one definition for writer and reader.
-from dsv4.chat.tokenizer import _BYTE_SYMBOLS, CONTROL_TOKENS, MARKUP_TOKENS, V4_TOKENS, ChatTokenizer
+from dsv4.chat.tokenizer import BYTE_SYMBOLS, CONTROL_TOKENS, MARKUP_TOKENS, V4_TOKENS, ChatTokenizer
 
 # At most 2,048 ids. The corpus has a closed vocabulary: trained on it, the BPE runs out of pairs seen twice at
 # about 1,990 ids (every word, template and identifier part is then one token), so a larger cap learns nothing
@@ -88,7 +88,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE, *, progr
 
     vocab = {token: token_id for token_id, token in enumerate(V4_TOKENS)}
     for byte in range(256):
-        vocab[_BYTE_SYMBOLS[byte]] = len(vocab)
+        vocab[BYTE_SYMBOLS[byte]] = len(vocab)
     for first, second in merges:
         vocab[first + second] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
