@@ -21,7 +21,10 @@ from dsv4.model.rope import Rotary
 from dsv4.numerics.formats import fp4_simulate, hadamard
 from dsv4.numerics.modes import Numerics
 
-SCORE_CHUNK_ELEMENTS = 1 << 25  # query chunk x heads x entries per chunk of the score matrix (~64 MB in bf16)
+# Query chunk x heads x entries per chunk of the score matrix (32 MB in fp32): the per-head scores are made,
+# rectified, weighted and summed over the heads while they are still in the last-level cache (a 128 MB chunk
+# prefilled 32K tokens 5-10% slower, measured on the benchmark's small config).
+SCORE_CHUNK_ELEMENTS = 1 << 23
 
 
 class Indexer(nn.Module):
@@ -89,7 +92,7 @@ class Indexer(nn.Module):
 
     def _scores(self, scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Per-head q·k [m, H, n] -> the index score of each of the n entries for each of the m queries."""
-        return self.parallel.all_reduce((scores.relu_() * weights.unsqueeze(-1)).sum(dim=1))
+        return self.parallel.all_reduce(scores.relu_().mul_(weights.unsqueeze(-1)).sum(dim=1))
 
     @staticmethod
     def _top(scores: torch.Tensor, usable: torch.Tensor, k: int) -> torch.Tensor:
