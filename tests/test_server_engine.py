@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -275,11 +276,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_tiny_random_and_graceful_sigterm(tmp_path: Path) -> None:
+@contextmanager
+def serving(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
+    """``dsv4 serve --model tiny-random ARGS`` on a free port, its stderr in ``tmp_path/serve.log``: yields the
+    process, its base URL and the log once ``/health`` answers; kills it on the way out if it still runs."""
     port = free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    port_args = ["--port", str(port), "--batch-invariant"]
-    command = [sys.executable, "-m", "dsv4.cli", "serve", "--model", "tiny-random", *port_args]
+    command = [sys.executable, "-m", "dsv4.cli", "serve", "--model", "tiny-random", "--port", str(port), *args]
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log_file:
         server = subprocess.Popen(command, env=env, stderr=log_file, text=True)
@@ -294,6 +297,15 @@ def test_serve_tiny_random_and_graceful_sigterm(tmp_path: Path) -> None:
                 return False
 
         wait_for(healthy, timeout=240)
+        yield server, base, log_path
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_serve_tiny_random_and_graceful_sigterm(tmp_path: Path) -> None:
+    with serving(tmp_path, "--batch-invariant") as (server, base, log_path):
         assert (tmp_path / "dsv4" / f"tiny-random-{TINY_RANDOM_CONTEXT}" / "tokenizer.json").is_file()
         body = {
             "model": "tiny-random",
@@ -312,10 +324,6 @@ def test_serve_tiny_random_and_graceful_sigterm(tmp_path: Path) -> None:
         assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] in ("length", "tool_calls")
         assert server.wait(timeout=60) == 0
         assert f"[{request_id}] POST /v1/chat/completions 200" in log_path.read_text()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
 def test_serve_refuses_a_shapes_only_preset() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_server_engine import free_port, wait_for
+from test_server_engine import free_port, serving, wait_for
 
 from dsv4.engine.llm import LLM
 from dsv4.engine.sampling import SamplingParams
@@ -90,23 +90,7 @@ def test_tp_that_does_not_divide_the_model_is_refused(tiny_checkpoint: Path) -> 
 
 
 def test_serve_tp2_answers_and_ends_when_a_worker_dies(tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    command = [sys.executable, "-m", "dsv4.cli", "serve", "--model", "tiny-random", "--tp", "2", "--port", str(port)]
-    log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log_file:
-        server = subprocess.Popen(command, env=env, stderr=log_file, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-
-        def healthy() -> bool:
-            assert server.poll() is None, log_path.read_text()
-            try:
-                return httpx.get(f"{base}/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(healthy, timeout=240)
+    with serving(tmp_path, "--tp", "2") as (server, base, log_path):
         body = {"model": "tiny-random", "prompt": [5, 6, 7, 8], "max_tokens": 8, "ignore_eos": True}
         response = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
         assert response.status_code == 200, response.text
@@ -118,10 +102,6 @@ def test_serve_tp2_answers_and_ends_when_a_worker_dies(tmp_path: Path) -> None:
         os.kill(int(workers[0]), signal.SIGKILL)
         assert server.wait(timeout=60) == 3
         assert "tensor-parallel worker" in log_path.read_text()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
 
 
 def test_torchrun_starts_the_ranks_itself(tmp_path: Path) -> None:
