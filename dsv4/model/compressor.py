@@ -94,10 +94,7 @@ class Compressor(nn.Module):
         score = score + self.ape[positions % r]
         tail = 2 * r if self.overlap else r
         kv, score = group.push_frontier(name, kv, score, tail)
-        # the members whose token completes a window, from the host positions (reading the device's is a sync)
-        hosts = group.step.positions
-        complete = [i for i, p in enumerate(hosts) if (p + 1) % r == 0]
-        done = group.step.derived(f"complete/{r}", lambda: torch.tensor(complete, dtype=torch.long))
+        done = group.step.derived(f"complete/{r}", lambda: self._completing(group.step.positions))
         if not len(done):
             return
         kv, score, starts = kv[done], score[done], positions[done] + 1 - r
@@ -107,6 +104,11 @@ class Compressor(nn.Module):
             kv, score = self._slots(kv[:, :r], kv[:, r:]), self._slots(score[:, :r], score[:, r:])
         group.append_entries(name, done, self._finish(self._pooled(kv, score), starts))
         group.trim_frontier(name, done, r if self.overlap else 0)
+
+    def _completing(self, positions: list[int]) -> torch.Tensor:
+        """The decode members whose token completes a window, from host positions (reading the device's
+        positions would synchronise); the same for every layer of this ratio, so a step derives it once."""
+        return torch.tensor([i for i, p in enumerate(positions) if (p + 1) % self.ratio == 0], dtype=torch.long)
 
     def _slots(self, previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """Ratio-4 pooling slots [n, 2r, c] from windows [n, r, 2c]: slots 0..r-1 the first halves of the
