@@ -294,13 +294,12 @@ class PagedLayerCache:
         count = self.counts[name]
         if rows.codec != "plain" or count < per_block or per_block < 12:
             return [self.entries(name)]
-        table = self.seq.table[: -(-count // per_block)]
-        breaks = (torch.nonzero(table[1:] != table[:-1] + 1).flatten() + 1).tolist()
-        bounds = [0, *breaks, len(table)]
+        blocks = self.seq.blocks[: -(-count // per_block)]  # the host list: no device sync
+        starts = [i for i in range(len(blocks)) if i == 0 or blocks[i] != blocks[i - 1] + 1]
         stored = rows.tensors[0]
         return [
-            stored[int(table[lo]) * per_block : (int(table[lo]) + hi - lo) * per_block]
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+            stored[blocks[lo] * per_block : (blocks[lo] + hi - lo) * per_block]
+            for lo, hi in zip(starts, [*starts[1:], len(blocks)], strict=True)
         ]
 
     def decode_group(self, caches: list[PagedLayerCache], step: DecodeStep) -> PagedDecodeGroup:

@@ -63,36 +63,50 @@ class Indexer(nn.Module):
         s = len(q)
         if n_entries == 0:
             return torch.empty(s, 0, dtype=torch.int64)
-        # Batch-invariant numerics pad a short key list: CPU GEMMs round by their column count below 12.
-        pieces = [self.numerics.pad_rows(piece) for piece in cache.entry_pieces("index")]
+        pieces = self._pieces(cache)
         usable = (torch.arange(pos0, pos0 + s) + 1) // self.ratio  # entries [0, usable) are complete
         k = min(self.topk, n_entries)
         chunk = max(1, SCORE_CHUNK_ELEMENTS // (q.shape[1] * n_entries))
         picked = []
         for lo in range(0, s, chunk):
             hi = min(s, lo + chunk)
-            scores = [
-                self._scores(torch.einsum("bshd,btd->bsht", q[None, lo:hi], piece[None])[0], weights[lo:hi])
-                for piece in pieces
-            ]
-            scores = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
-            picked.append(self._top(scores[:, :n_entries], usable[lo:hi], k))
+            scores = self.parallel.all_reduce(self._scores(q[lo:hi], weights[lo:hi], pieces, n_entries))
+            picked.append(self._top(scores, usable[lo:hi], k))
         return torch.cat(picked)
 
     def select_group(self, q: torch.Tensor, weights: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
         """``select`` for one query of each member of a decode group (q [S, H, c]) -> [S, k] (-1 padded).
 
-        Member by member: the work is one scan of each member's own keys either way, and alone each query
-        is scored and ranked exactly as it would be outside the group."""
-        picked = [
-            self.select(q[i : i + 1], weights[i : i + 1], pos, cache)[0]
-            for i, (cache, pos) in enumerate(zip(group.caches, group.step.positions, strict=True))
-        ]
-        return torch.nn.utils.rnn.pad_sequence(picked, batch_first=True, padding_value=-1)
+        Each member's keys are scanned by the products ``select`` computes for that query alone (a member's
+        scores do not depend on the group); the scores then go through one all-reduce and one top-k for the
+        whole group, padded past each member's entries with -inf."""
+        counts = [cache.num_entries("index") for cache in group.caches]
+        n_max = max(counts)
+        if n_max == 0:
+            return torch.empty(len(q), 0, dtype=torch.int64)
+        scores: torch.Tensor | None = None
+        for i, (cache, n) in enumerate(zip(group.caches, counts, strict=True)):
+            if n:
+                mine = self._scores(q[i : i + 1], weights[i : i + 1], self._pieces(cache), n)[0]
+                if scores is None:
+                    scores = mine.new_zeros(len(q), n_max)
+                scores[i, :n] = mine
+        assert scores is not None
+        usable = (group.positions + 1) // self.ratio  # usable <= entries: the padding is always masked
+        return self._top(self.parallel.all_reduce(scores), usable, min(self.topk, n_max))
 
-    def _scores(self, scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Per-head q·k [m, H, n] -> the index score of each of the n entries for each of the m queries."""
-        return self.parallel.all_reduce(scores.relu_().mul_(weights.unsqueeze(-1)).sum(dim=1))
+    def _pieces(self, cache: LayerCache) -> list[torch.Tensor]:
+        # Batch-invariant numerics pad a short key list: CPU GEMMs round by their column count below 12.
+        return [self.numerics.pad_rows(piece) for piece in cache.entry_pieces("index")]
+
+    def _scores(self, q: torch.Tensor, weights: torch.Tensor, pieces: list[torch.Tensor], n: int) -> torch.Tensor:
+        """Queries q [m, H, c] against the keys in ``pieces`` -> this rank's index scores [m, n] of the first
+        n keys: per head q·k, rectified, weighted by the query's head weights [m, H] and summed over heads."""
+        scores = [
+            torch.einsum("bshd,btd->bsht", q[None], piece[None])[0].relu_().mul_(weights.unsqueeze(-1)).sum(dim=1)
+            for piece in pieces
+        ]
+        return (scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1))[:, :n]
 
     @staticmethod
     def _top(scores: torch.Tensor, usable: torch.Tensor, k: int) -> torch.Tensor:
