@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.numerics import formats as Q
-from dsv4.numerics import gemm
+from dsv4.numerics import gemm, kernels
 
 # (format, N, K): V4-Flash's FP8 projections, FP4 routed experts, bf16 head.
 SHAPES = [
@@ -177,7 +177,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     print(
-        f"dsv4 low-bit GEMMs: kernel {gemm.kernel_isa()}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"dsv4 low-bit GEMMs: kernel {kernels.kernel_isa()}, torch {torch.__version__}, {args.threads} thread(s), "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     bw = read_bandwidth(args.threads, args.repeats)

@@ -175,7 +175,7 @@ class IndexerPicks:
         self.by_request: defaultdict[str, Picks] = defaultdict(dict)
         self._engines: list[LLM] = []
         self._layers: dict[int, int] = {}
-        self._cursor: tuple[Picks, int, int] | None = None  # inside a select: its record, layer, next position
+        self._rows: list[tuple[Picks, int, int]] = []  # the (record, layer, position) of each row still to pick
 
     def watch(self, llm: LLM) -> LLM:
         assert llm.model is not None
@@ -193,29 +193,36 @@ class IndexerPicks:
         raise LookupError("a cache no watched engine runs")
 
     def install(self, patch: pytest.MonkeyPatch) -> None:
-        select, top = Indexer.select, Indexer._top
+        select, select_group, top = Indexer.select, Indexer.select_group, Indexer._top
 
         def recording_select(indexer: Indexer, q: torch.Tensor, weights: torch.Tensor, pos0: int, cache: Any) -> Any:
-            record = self.by_request[self._request_of(cache.seq)]
-            self._cursor = (record, self._layers[id(indexer)], pos0)
+            record, layer = self.by_request[self._request_of(cache.seq)], self._layers[id(indexer)]
+            self._rows = [(record, layer, pos0 + i) for i in range(len(q))]  # a chunk: its rows in order
             return select(indexer, q, weights, pos0, cache)
+
+        def recording_select_group(indexer: Indexer, q: torch.Tensor, weights: torch.Tensor, group: Any) -> Any:
+            layer = self._layers[id(indexer)]
+            self._rows = [
+                (self.by_request[self._request_of(cache.seq)], layer, position)
+                for cache, position in zip(group.caches, group.step.positions, strict=True)
+            ]
+            return select_group(indexer, q, weights, group)
 
         def recording_top(scores: torch.Tensor, usable: torch.Tensor, k: int) -> torch.Tensor:
             chosen = top(scores, usable, k)
-            assert self._cursor is not None
-            record, layer, position = self._cursor
+            rows, self._rows = self._rows[: len(chosen)], self._rows[len(chosen) :]
             margins = [math.inf] * len(chosen)
             if scores.shape[-1] > k:
                 masked = scores.masked_fill(torch.arange(scores.shape[-1]) >= usable[:, None], float("-inf"))
                 best = masked.topk(k + 1, dim=-1).values
                 relative = (best[:, k - 1] - best[:, k]) / best[:, k - 1].abs().clamp(min=1.0)
                 margins = torch.where(usable > k, relative, math.inf).tolist()
-            for i, (row, margin) in enumerate(zip(chosen.tolist(), margins, strict=True)):
-                record[(layer, position + i)] = (frozenset(row) - {-1}, margin)
-            self._cursor = (record, layer, position + len(chosen))
+            for (record, layer, position), row, margin in zip(rows, chosen.tolist(), margins, strict=True):
+                record[(layer, position)] = (frozenset(row) - {-1}, margin)
             return chosen
 
         patch.setattr(Indexer, "select", recording_select)
+        patch.setattr(Indexer, "select_group", recording_select_group)
         patch.setattr(Indexer, "_top", staticmethod(recording_top))
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from dsv4.numerics import formats as Q
-from dsv4.numerics import gemm
+from dsv4.numerics import gemm, kernels
 
 REFERENCE_KERNELS = Path(__file__).parent / "data" / "reference" / "kernels.safetensors"
 BOUNDARY_KERNELS = Path(__file__).parents[2] / "shared" / "testvectors" / "decode_boundaries" / "kernels.safetensors"
@@ -32,7 +32,7 @@ U = 2.0**-24
 @pytest.fixture(scope="module", autouse=True)
 def compiled() -> None:
     """Build (or load) the kernel once; the tests below then exercise it, not the fallback."""
-    if gemm.kernel_library() is None:
+    if kernels.kernel_library() is None:
         pytest.fail("the GEMM kernel did not build on this machine")
 
 
@@ -146,7 +146,7 @@ def fp4_values(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor,
 
 FP8_SHAPES = [(1, 300, 200), (3, 129, 384), (17, 256, 130), (300, 40, 160), (2, 17, 64), (4, 70, 520), (16, 50, 256)]
 FP4_SHAPES = [(1, 300, 256), (3, 129, 96), (17, 40, 160), (300, 24, 128), (4, 33, 64), (2, 70, 512), (9, 40, 224)]
-ISAS = ["avx512", "portable"] if gemm.kernel_isa() == "avx512" else ["portable"]
+ISAS = ["avx512", "portable"] if kernels.kernel_isa() == "avx512" else ["portable"]
 
 
 @pytest.mark.parametrize("simulate", [True, False], ids=["sim", "raw"])
@@ -157,7 +157,7 @@ def test_fp8_matches_the_emulated_order_exactly(m: int, n: int, k: int, simulate
     x, sx = activations(m, k, simulate, g)
     expected = emulate(x, sx, *fp8_values(weight, scale), 128)
     for isa in ISAS:
-        assert_bits_equal(gemm._run_kernel(gemm.kernel_library(), "fp8", x, sx, weight, scale, n, isa), expected)
+        assert_bits_equal(gemm._run_kernel(kernels.kernel_library(), "fp8", x, sx, weight, scale, n, isa), expected)
     assert_bits_equal(gemm.fp8_linear(x, sx, weight, scale), expected)
 
 
@@ -169,7 +169,7 @@ def test_fp4_matches_the_emulated_order_exactly(m: int, n: int, k: int, simulate
     x, sx = activations(m, k, simulate, g)
     expected = emulate(x, sx, *fp4_values(packed, scale), 32)
     for isa in ISAS:
-        assert_bits_equal(gemm._run_kernel(gemm.kernel_library(), "fp4", x, sx, packed, scale, n, isa), expected)
+        assert_bits_equal(gemm._run_kernel(kernels.kernel_library(), "fp4", x, sx, packed, scale, n, isa), expected)
     assert_bits_equal(gemm.fp4_linear(x, sx, packed, scale), expected)
 
 
@@ -181,7 +181,7 @@ def test_bf16_is_one_fp32_chain_per_output(m: int, n: int, k: int) -> None:
     x, _ = activations(m, k, False, g)
     expected = emulate(x, None, weight.float(), None, k)
     for isa in ISAS:
-        assert_bits_equal(gemm._run_kernel(gemm.kernel_library(), "bf16", x, None, weight, None, n, isa), expected)
+        assert_bits_equal(gemm._run_kernel(kernels.kernel_library(), "bf16", x, None, weight, None, n, isa), expected)
     assert_bits_equal(gemm.bf16_linear(x, weight), expected)
 
 
@@ -317,15 +317,15 @@ def test_falls_back_to_torch_with_one_warning(monkeypatch: pytest.MonkeyPatch) -
     def no_compiler() -> None:
         raise RuntimeError("command 'c++' failed\nerror: no compiler")
 
-    monkeypatch.setattr(gemm, "_library", None)
-    monkeypatch.setattr(gemm, "_build_failed", False)
-    monkeypatch.setattr(gemm, "_build", no_compiler)
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setattr(kernels, "_build_failed", False)
+    monkeypatch.setattr(kernels, "_build", no_compiler)
     g = torch.Generator().manual_seed(5)
     weight, scale = fp8_operands(64, 256, g)
     x, sx = activations(2, 256, True, g)
     with pytest.warns(RuntimeWarning, match="no compiler"):
         y = gemm.fp8_linear(x, sx, weight, scale)
-    assert gemm.kernel_isa() == "torch"
+    assert kernels.kernel_isa() == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback warns only once
         assert_bits_equal(gemm.fp8_linear(x, sx, weight, scale), y)

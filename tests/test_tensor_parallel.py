@@ -64,6 +64,7 @@ from dsv4.model.loading import load_model
 from dsv4.model.parallel import WHOLE, ParallelContext, tensor_shard
 from dsv4.model.transformer import Transformer
 from dsv4.numerics import gemm
+from dsv4.numerics.index_scores import index_scores
 from dsv4.numerics.modes import Numerics
 
 VECTOR_SETS = {
@@ -272,9 +273,9 @@ def _in_tp_order(model: Transformer, n: int) -> Iterator[Transformer]:
             patch.setattr(layer.ffn, "forward", moe)
             if hasattr(layer.attn, "indexer"):
 
-                def scores(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                    heads = zip(s.chunk(n, dim=1), w.chunk(n, dim=1), strict=True)
-                    return added([(hs.relu() * hw.unsqueeze(-1)).sum(dim=1) for hs, hw in heads], s.dtype)
+                def scores(q: torch.Tensor, w: torch.Tensor, *where: Any, numerics: Numerics = model.numerics) -> Any:
+                    heads = zip(q.chunk(n, dim=1), w.chunk(n, dim=1), strict=True)
+                    return added([index_scores(hq, hw, *where, numerics) for hq, hw in heads], q.dtype)
 
                 patch.setattr(layer.attn.indexer, "_scores", scores)
         yield model

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.cache.view import DecodeStep, LayerCache, LoopDecodeGroup
+from dsv4.numerics.index_scores import KeyRows
 
 
 class _Growing:
@@ -73,8 +74,8 @@ class ContiguousLayerCache:
         store = self._entries[name].view()
         return store if rows is None else store[rows]
 
-    def entry_pieces(self, name: str) -> list[torch.Tensor]:
-        return [self.entries(name)]
+    def key_rows(self, name: str) -> KeyRows:
+        return KeyRows.of(self.entries(name) if name in self._entries else torch.empty(0, 0))
 
     def decode_group(self, caches: list[LayerCache], step: DecodeStep) -> LoopDecodeGroup:
         return LoopDecodeGroup(caches, step, self.window_size)

@@ -40,6 +40,7 @@ from dsv4.cache.view import DecodeStep
 from dsv4.config import FP4_BLOCK, KV_FP8_BLOCK, LayerKind, LayerSpec, ModelConfig
 from dsv4.device import device_scope
 from dsv4.numerics.formats import FP4_VALUES, e8m0_to_float, pack_fp4_entries, pack_fp8_entries, unpack_fp8_entries
+from dsv4.numerics.index_scores import KeyRows
 from dsv4.numerics.modes import get_numerics
 
 # Frontier.role in layout -> the compressor's name in the cache protocol
@@ -287,20 +288,12 @@ class PagedLayerCache:
             raise IndexError(f"layer {self.store.spec.index}: {name!r} has {count} entries, asked for {rows}")
         return self.store.entries[name].read(self._physical(rows))
 
-    def entry_pieces(self, name: str) -> list[torch.Tensor]:
-        """Stored rows are read in place, one view per run of consecutive blocks, when they need no decoding
-        and there is a whole block of them; otherwise one gathered copy."""
-        rows, per_block = self.store.entries[name], self.store.per_block
-        count = self.counts[name]
-        if rows.codec != "plain" or count < per_block or per_block < 12:
-            return [self.entries(name)]
-        blocks = self.seq.blocks[: -(-count // per_block)]  # the host list: no device sync
-        starts = [i for i in range(len(blocks)) if i == 0 or blocks[i] != blocks[i - 1] + 1]
-        stored = rows.tensors[0]
-        return [
-            stored[blocks[lo] * per_block : (blocks[lo] + hi - lo) * per_block]
-            for lo, hi in zip(starts, [*starts[1:], len(blocks)], strict=True)
-        ]
+    def key_rows(self, name: str) -> KeyRows:
+        """The stored rows through the block table when they need no decoding, else a decoded copy."""
+        rows = self.store.entries[name]
+        if rows.codec != "plain":
+            return KeyRows.of(self.entries(name))
+        return KeyRows(rows.tensors[0], self.seq.table, self.store.per_block, self.counts[name])
 
     def decode_group(self, caches: list[PagedLayerCache], step: DecodeStep) -> PagedDecodeGroup:
         return PagedDecodeGroup(caches, step)

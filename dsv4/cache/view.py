@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
+from dsv4.numerics.index_scores import KeyRows
+
 
 class LayerCache(Protocol):
     def window(self, pos0: int) -> torch.Tensor:
@@ -45,11 +47,10 @@ class LayerCache(Protocol):
         """All entries [n, c'], or only those numbered ``rows`` (a 1-D index tensor), in the compute dtype."""
         ...
 
-    def entry_pieces(self, name: str) -> list[torch.Tensor]:
-        """All entries as consecutive pieces [m_i, c'], views into the storage where its layout allows (the
-        indexer scans every key at every step; copying them first would double its memory traffic). The
-        pieces may run past the last entry, but each holds at least 12 rows unless there is one piece of
-        exactly ``num_entries`` rows: CPU GEMMs round alike for every row count from 12 up."""
+    def key_rows(self, name: str) -> KeyRows:
+        """Where the entries lie, for a kernel that reads them in place: the storage itself where its layout
+        allows (the indexer scans every key at every step; copying them first would double its memory
+        traffic), else a decoded copy."""
         ...
 
     def decode_group(self, caches: list[LayerCache], step: DecodeStep) -> DecodeGroup:

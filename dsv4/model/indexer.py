@@ -3,8 +3,9 @@
 Scores are I[t, e] = Σ_h w[t, h] · ReLU(q_{t,h} · k_e) over index heads, with queries and keys Hadamard-rotated
 and FP4-simulated, and the scores kept in the activation dtype (bf16 when serving, as the paper chose for a
 fast top-k). Entry e is usable by the query at position p only once its window is complete: e < (p+1)/4.
-The [queries x entries] score matrix is the one dense matrix V4 needs; it is built in query chunks so that a
-long prefill never holds it whole.
+The [queries x entries] score matrix is the one dense matrix V4 needs. ``numerics.index_scores`` computes it
+straight from where each sequence's keys lie in the cache, for a prefill chunk or for every member of a
+decode group in one call, in query chunks so that a long prefill never holds it whole.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from dsv4.model.linear import Linear
 from dsv4.model.parallel import SINGLE, ParallelContext, Shard, shard_of
 from dsv4.model.rope import Rotary
 from dsv4.numerics.formats import fp4_simulate, hadamard
+from dsv4.numerics.index_scores import KeyRows, index_scores
 from dsv4.numerics.modes import Numerics
 
-# Query chunk x heads x entries per chunk of the score matrix (32 MB in fp32): the per-head scores are made,
-# rectified, weighted and summed over the heads while they are still in the last-level cache (a 128 MB chunk
-# prefilled 32K tokens 5-10% slower, measured on the benchmark's small config).
+# Queries x entries per chunk of a prefill's score matrix (32 MB in fp32), so that a long prompt's [queries x
+# entries] scores are never held whole.
 SCORE_CHUNK_ELEMENTS = 1 << 23
 
 
@@ -63,50 +64,43 @@ class Indexer(nn.Module):
         s = len(q)
         if n_entries == 0:
             return torch.empty(s, 0, dtype=torch.int64)
-        pieces = self._pieces(cache)
+        keys = [cache.key_rows("index")]
         usable = (torch.arange(pos0, pos0 + s) + 1) // self.ratio  # entries [0, usable) are complete
         k = min(self.topk, n_entries)
-        chunk = max(1, SCORE_CHUNK_ELEMENTS // (q.shape[1] * n_entries))
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // n_entries)
         picked = []
         for lo in range(0, s, chunk):
             hi = min(s, lo + chunk)
-            scores = self.parallel.all_reduce(self._scores(q[lo:hi], weights[lo:hi], pieces, n_entries))
+            scores = self._scores(q[lo:hi], weights[lo:hi], keys, [hi - lo], usable[lo:hi], n_entries)
             picked.append(self._top(scores, usable[lo:hi], k))
         return torch.cat(picked)
 
     def select_group(self, q: torch.Tensor, weights: torch.Tensor, group: DecodeGroup) -> torch.Tensor:
-        """``select`` for one query of each member of a decode group (q [S, H, c]) -> [S, k] (-1 padded).
-
-        Each member's keys are scanned by the products ``select`` computes for that query alone (a member's
-        scores do not depend on the group); the scores then go through one all-reduce and one top-k for the
-        whole group, padded past each member's entries with -inf."""
-        counts = [cache.num_entries("index") for cache in group.caches]
+        """``select`` for one query of each member of a decode group (q [S, H, c]) -> [S, k] (-1 padded):
+        one scan of every member's keys where they lie, one all-reduce and one top-k. A member's scores are
+        what its query alone would get."""
+        counts = [cache.num_entries("index") for cache in group.caches]  # host ints: no device sync
         n_max = max(counts)
         if n_max == 0:
             return torch.empty(len(q), 0, dtype=torch.int64)
-        scores: torch.Tensor | None = None
-        for i, (cache, n) in enumerate(zip(group.caches, counts, strict=True)):
-            if n:
-                mine = self._scores(q[i : i + 1], weights[i : i + 1], self._pieces(cache), n)[0]
-                if scores is None:
-                    scores = mine.new_zeros(len(q), n_max)
-                scores[i, :n] = mine
-        assert scores is not None
-        usable = (group.positions + 1) // self.ratio  # usable <= entries: the padding is always masked
-        return self._top(self.parallel.all_reduce(scores), usable, min(self.topk, n_max))
+        keys = [cache.key_rows("index") for cache in group.caches]
+        usable = (group.positions + 1) // self.ratio  # every stored entry, in decode
+        scores = self._scores(q, weights, keys, [1] * len(q), usable, n_max)
+        return self._top(scores, usable, min(self.topk, n_max))
 
-    def _pieces(self, cache: LayerCache) -> list[torch.Tensor]:
-        # Batch-invariant numerics pad a short key list: CPU GEMMs round by their column count below 12.
-        return [self.numerics.pad_rows(piece) for piece in cache.entry_pieces("index")]
-
-    def _scores(self, q: torch.Tensor, weights: torch.Tensor, pieces: list[torch.Tensor], n: int) -> torch.Tensor:
-        """Queries q [m, H, c] against the keys in ``pieces`` -> this rank's index scores [m, n] of the first
-        n keys: per head q·k, rectified, weighted by the query's head weights [m, H] and summed over heads."""
-        scores = [
-            torch.einsum("bshd,btd->bsht", q[None], piece[None])[0].relu_().mul_(weights.unsqueeze(-1)).sum(dim=1)
-            for piece in pieces
-        ]
-        return (scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1))[:, :n]
+    def _scores(
+        self,
+        q: torch.Tensor,
+        weights: torch.Tensor,
+        keys: list[KeyRows],
+        queries: list[int],
+        usable: torch.Tensor,
+        width: int,
+    ) -> torch.Tensor:
+        """The index scores [m, width] of queries against their sequences' keys, -inf past usable; under
+        tensor parallelism this rank's heads' partial sums, summed across ranks in the scores' dtype."""
+        scores = index_scores(q, weights, keys, queries, usable, width, self.numerics)
+        return self.parallel.all_reduce(scores)
 
     @staticmethod
     def _top(scores: torch.Tensor, usable: torch.Tensor, k: int) -> torch.Tensor:

@@ -20,16 +20,12 @@ product whose rounding may depend on M.
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from dsv4.numerics.formats import FP4_VALUES, FP4_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK, e8m0_to_float
+from dsv4.numerics.kernels import ISA, kernel_library
 
 # Activations are quantised in blocks of 128 along K whatever the weight format (spec §9.2).
 ACT_BLOCK = 128
@@ -37,77 +33,7 @@ ACT_BLOCK = 128
 # partial products), so that memory does not grow with the weight.
 SCRATCH_BYTES = 32 << 20
 
-_CSRC = Path(__file__).parent / "csrc" / "lowbit_gemm.cpp"
 _FMT = {"fp8": 0, "fp4": 1, "bf16": 2}
-_ISA = {"portable": 1, "avx512": 2}
-_build_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_build_failed = False
-
-
-def _build_directory() -> str | None:
-    """Where the compiled kernel is cached: torch's own directory when TORCH_EXTENSIONS_DIR says so, else
-    dsv4's cache, one directory per torch version (the library links against torch)."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return None
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dsv4" / "kernels"
-    path = root / f"torch-{torch.__version__}"
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
-
-
-def _build() -> ctypes.CDLL:
-    """Compile (or reuse) the kernel library. -fopenmp only enables at::parallel_for's inline OpenMP region:
-    the library binds to the libgomp torch has already loaded, so torch.set_num_threads governs it."""
-    from torch.utils.cpp_extension import load
-
-    if shutil.which("ninja") is None:
-        # torch's builder runs `ninja` from PATH; the ninja wheel (a dependency) may sit outside it.
-        import ninja
-
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    path = load(
-        name="dsv4_lowbit_gemm",
-        sources=[str(_CSRC)],
-        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=_build_directory(),
-        is_python_module=False,
-    )
-    lib = ctypes.CDLL(path)
-    lib.dsv4_gemm_best_isa.restype = ctypes.c_int
-    lib.dsv4_gemm.restype = None
-    lib.dsv4_gemm.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
-    return lib
-
-
-def kernel_library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first use; None (after one warning) where they cannot be built."""
-    global _library, _build_failed
-    if _library is None and not _build_failed:
-        with _build_lock:
-            if _library is None and not _build_failed:
-                try:
-                    _library = _build()
-                except Exception as e:  # no compiler, no ninja, a failed build: all mean the torch path
-                    _build_failed = True
-                    lines = str(e).strip().splitlines()
-                    why = lines[-1] if lines else type(e).__name__
-                    warnings.warn(
-                        f"dsv4: the low-bit GEMM kernels could not be built ({why}); "
-                        "CPU GEMMs fall back to torch ops, slower and not batch-invariant",
-                        RuntimeWarning,
-                        stacklevel=3,
-                    )
-    return _library
-
-
-def kernel_isa() -> str:
-    """What CPU GEMMs run on here: 'avx512', 'portable' (the compiled kernel without AVX-512) or 'torch'."""
-    lib = kernel_library()
-    if lib is None:
-        return "torch"
-    return "avx512" if lib.dsv4_gemm_best_isa() == _ISA["avx512"] else "portable"
 
 
 def _run_kernel(
@@ -133,7 +59,7 @@ def _run_kernel(
     if m and n and k:
         lib.dsv4_gemm(
             _FMT[fmt],
-            _ISA[isa or "avx512"],
+            ISA[isa or "avx512"],
             x.data_ptr(),
             xs.data_ptr() if xs is not None else None,
             w.data_ptr(),

@@ -1,0 +1,139 @@
+"""The lightning indexer's score matrix, read straight from where each sequence's keys lie.
+
+I[t, e] = Σ_h w[t, h] · ReLU(q_{t,h} · k_e) (spec §5 step 7) for the usable entries e of query t, -inf for the
+rest. This is the one dense [queries x entries] product V4 needs, and at long context the largest part of a
+decode step: every step scans every key of every sequence. On CPU a compiled kernel
+(``csrc/index_scores.cpp``) reads each sequence's keys once, in place in the paged pool, keeps each head's
+products in registers and skips a prefill's future entries; each score is one fixed sequence of operations,
+so a query's scores do not depend on its batch. Elsewhere (other devices, no compiler) the same formula runs
+as torch ops over a gathered copy of the keys, rounding like the official bf16 einsum on that device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.numerics.kernels import ISA, kernel_library
+from dsv4.numerics.modes import Numerics
+
+
+@dataclass(frozen=True)
+class KeyRows:
+    """Where one sequence's keys lie: key e is ``rows[blocks[e // per_block] * per_block + e % per_block]``,
+    for e < ``count``. ``rows`` is the pool's storage itself where its layout allows (no copy), else a
+    decoded copy with one block."""
+
+    rows: torch.Tensor  # [R, c] fp32 or bf16, contiguous
+    blocks: torch.Tensor  # [B] int64
+    per_block: int
+    count: int
+
+    @staticmethod
+    def of(keys: torch.Tensor) -> KeyRows:
+        """Keys already laid out one after the other ([count, c])."""
+        keys = keys.contiguous()
+        return KeyRows(keys, torch.zeros(1, dtype=torch.int64, device=keys.device), max(len(keys), 1), len(keys))
+
+    def gather(self) -> torch.Tensor:
+        """The keys as one [count, c] tensor (a copy unless they are one run already)."""
+        e = torch.arange(self.count, device=self.rows.device)
+        return self.rows[self.blocks[e // self.per_block] * self.per_block + e % self.per_block]
+
+
+def index_scores(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    keys: list[KeyRows],
+    queries: list[int],
+    usable: torch.Tensor,
+    width: int,
+    numerics: Numerics,
+    isa: str | None = None,
+) -> torch.Tensor:
+    """Scores [Q, width] in q's dtype of queries q [Q, H, c] with head weights [Q, H]: the first ``queries[i]``
+    queries score ``keys[0]``, the next ``queries[1]`` ``keys[1]``, and so on. Entries [0, usable[t]) of query
+    t are scored (usable[t] at most that sequence's count), the rest of the row is -inf. bf16 queries round
+    as the official bf16 einsum, ReLU, multiply and sum do: each head's product and each weighted term to
+    bf16, the sum over heads in fp32 then to bf16. ``isa`` forces the kernel's 'portable' path (tests)."""
+    if len(queries) != len(keys) or sum(queries) != len(q):
+        raise ValueError(f"{len(q)} queries, split {queries} over {len(keys)} key sets")
+    lib = kernel_library() if q.device.type == "cpu" else None
+    dtypes = {k.rows.dtype for k in keys if k.count}
+    if lib is not None and dtypes <= {torch.float32, torch.bfloat16} and len(dtypes) <= 1:
+        return _kernel(lib, q, weights, keys, queries, usable, width, isa)
+    return _torch(q, weights, keys, queries, usable, width, numerics)
+
+
+def _kernel(
+    lib,
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    keys: list[KeyRows],
+    queries: list[int],
+    usable: torch.Tensor,
+    width: int,
+    isa: str | None,
+) -> torch.Tensor:
+    n_q, n_heads, dim = q.shape
+    out = torch.empty(n_q, width, dtype=torch.float32)
+    if n_q == 0 or width == 0:
+        return out.to(q.dtype)
+    qf, wf = q.float().contiguous(), weights.float().contiguous()
+    member = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(queries))
+    usable = usable.to(torch.int64).contiguous()
+    rows = [k.rows.contiguous() if k.count else None for k in keys]  # held until the call returns
+    for r in rows:
+        if r is not None and (r.dim() != 2 or r.shape[1] != dim):
+            raise ValueError(f"keys must be [rows, {dim}], got {tuple(r.shape)}")
+    bf16_keys = any(r is not None and r.dtype == torch.bfloat16 for r in rows)
+    base = torch.tensor([r.data_ptr() if r is not None else 0 for r in rows], dtype=torch.int64)
+    tables = torch.nn.utils.rnn.pad_sequence([k.blocks.to(torch.int64) for k in keys], batch_first=True)
+    per_block = torch.tensor([k.per_block for k in keys], dtype=torch.int64)
+    count = torch.tensor([k.count for k in keys], dtype=torch.int64)
+    lib.dsv4_index_scores(
+        ISA[isa or "avx512"],
+        int(bf16_keys),
+        int(q.dtype == torch.bfloat16),
+        qf.data_ptr(),
+        wf.data_ptr(),
+        member.data_ptr(),
+        usable.data_ptr(),
+        base.data_ptr(),
+        tables.data_ptr(),
+        per_block.data_ptr(),
+        count.data_ptr(),
+        n_q,
+        n_heads,
+        dim,
+        len(keys),
+        tables.shape[1],
+        width,
+        out.data_ptr(),
+    )
+    return out.to(q.dtype)
+
+
+def _torch(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    keys: list[KeyRows],
+    queries: list[int],
+    usable: torch.Tensor,
+    width: int,
+    numerics: Numerics,
+) -> torch.Tensor:
+    """The official formula in torch ops (the bf16 einsum's rounding is the device BLAS's)."""
+    out = torch.full((len(q), width), float("-inf"), dtype=q.dtype, device=q.device)
+    lo = 0
+    for k, n_q in zip(keys, queries, strict=True):
+        hi, n = lo + n_q, min(k.count, width)
+        if n_q and n:
+            # Batch-invariant numerics pad a short key list: CPU GEMMs round by their column count below 12.
+            rows = numerics.pad_rows(k.gather()[:n])
+            per_head = torch.einsum("shd,td->sht", q[lo:hi], rows)[..., :n]
+            out[lo:hi, :n] = per_head.relu_().mul_(weights[lo:hi].unsqueeze(-1)).sum(dim=1)
+        lo = hi
+    future = torch.arange(width, device=q.device) >= usable.unsqueeze(1)
+    return out.masked_fill_(future, float("-inf"))
