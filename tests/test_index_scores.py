@@ -14,7 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dsv4.config import FP4_BLOCK
 from dsv4.numerics import kernels
+from dsv4.numerics.formats import pack_fp4_entries, unpack_fp4_entries
 from dsv4.numerics.index_scores import KeyRows, _torch, index_scores
 from dsv4.numerics.modes import get_numerics
 
@@ -146,3 +148,27 @@ def test_torch_path_agrees_within_the_bound() -> None:
     finite = torch.isfinite(kernel)
     assert torch.equal(finite, torch.isfinite(got))
     assert bool(((got - kernel).abs() <= 2 * (128 + 16 + 1) * U * mag)[finite].all())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp4_keys_read_in_place_score_as_their_decoded_values(isa: str, dtype: torch.dtype) -> None:
+    """The simulated modes store index keys as FP4 codes with e8m0 scales; the kernel decodes them as it
+    reads, exactly (an e2m1 value times a power of two), so the scores equal those of the decoded keys."""
+    q, w, keys = operands(3, 16, 128, 150, seed=9)
+    codes, scales = pack_fp4_entries(keys * 4.0 ** torch.randint(-3, 4, (150, 1)), FP4_BLOCK)
+    decoded = unpack_fp4_entries(codes, scales, dtype)
+    paged_codes = paged(codes.view(torch.uint8).float(), 64, seed=4)  # the same block order for both parts
+    paged_scales = paged(scales.view(torch.uint8).float(), 64, seed=4)
+    stored = KeyRows(
+        paged_codes.rows.nan_to_num().to(torch.uint8),
+        paged_codes.blocks,
+        64,
+        150,
+        paged_scales.rows.nan_to_num().to(torch.uint8),
+    )
+    usable = torch.tensor([150, 70, 2])
+    q, w = q.to(dtype), w.to(dtype)
+    got = index_scores(q, w, [stored], [3], usable, 150, NUMERICS, isa=isa)
+    assert torch.equal(got, index_scores(q, w, [KeyRows.of(decoded)], [3], usable, 150, NUMERICS, isa=isa))
+    assert torch.equal(stored.gather(dtype), decoded)

@@ -289,11 +289,15 @@ class PagedLayerCache:
         return self.store.entries[name].read(self._physical(rows))
 
     def key_rows(self, name: str) -> KeyRows:
-        """The stored rows through the block table when they need no decoding, else a decoded copy."""
-        rows = self.store.entries[name]
-        if rows.codec != "plain":
-            return KeyRows.of(self.entries(name))
-        return KeyRows(rows.tensors[0], self.seq.table, self.store.per_block, self.counts[name])
+        """The stored rows through the block table: plain values, or FP4 codes with their scales (the indexer
+        kernel decodes them as it reads); other codecs as a decoded copy."""
+        rows, per_block, count = self.store.entries[name], self.store.per_block, self.counts[name]
+        if rows.codec == "plain":
+            return KeyRows(rows.tensors[0], self.seq.table, per_block, count)
+        if rows.codec == "fp4":
+            codes, scales = (_raw(t) for t in rows.tensors)
+            return KeyRows(codes, self.seq.table, per_block, count, scales)
+        return KeyRows.of(self.entries(name))
 
     def decode_group(self, caches: list[PagedLayerCache], step: DecodeStep) -> PagedDecodeGroup:
         return PagedDecodeGroup(caches, step)

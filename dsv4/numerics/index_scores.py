@@ -15,20 +15,27 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv4.config import FP4_BLOCK
+from dsv4.numerics.formats import unpack_fp4_entries
 from dsv4.numerics.kernels import ISA, kernel_library
 from dsv4.numerics.modes import Numerics
+
+# The kernel's key formats by stored dtype (uint8: FP4 codes with scales).
+_KEY_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}
 
 
 @dataclass(frozen=True)
 class KeyRows:
-    """Where one sequence's keys lie: key e is ``rows[blocks[e // per_block] * per_block + e % per_block]``,
-    for e < ``count``. ``rows`` is the pool's storage itself where its layout allows (no copy), else a
-    decoded copy with one block."""
+    """Where one sequence's keys lie: key e is row ``blocks[e // per_block] * per_block + e % per_block`` of
+    ``rows``, for e < ``count``: the pool's storage itself (no copy), or a copy laid out as one block. Rows
+    are fp32 or bf16 values, or FP4 codes (uint8 [R, c/2], low nibble first) with their e8m0 scales
+    (``scales``, uint8 [R, c/32]), as the simulated modes store the keys."""
 
-    rows: torch.Tensor  # [R, c] fp32 or bf16, contiguous
+    rows: torch.Tensor  # [R, c] fp32 or bf16, or [R, c/2] uint8 FP4 codes; contiguous
     blocks: torch.Tensor  # [B] int64
     per_block: int
     count: int
+    scales: torch.Tensor | None = None  # [R, c/32] uint8 e8m0, FP4 codes only
 
     @staticmethod
     def of(keys: torch.Tensor) -> KeyRows:
@@ -36,10 +43,17 @@ class KeyRows:
         keys = keys.contiguous()
         return KeyRows(keys, torch.zeros(1, dtype=torch.int64, device=keys.device), max(len(keys), 1), len(keys))
 
-    def gather(self) -> torch.Tensor:
-        """The keys as one [count, c] tensor (a copy unless they are one run already)."""
+    @property
+    def dim(self) -> int:
+        return self.rows.shape[1] * (2 if self.scales is not None else 1)
+
+    def gather(self, dtype: torch.dtype) -> torch.Tensor:
+        """The keys as one [count, c] tensor of values in ``dtype`` (a copy)."""
         e = torch.arange(self.count, device=self.rows.device)
-        return self.rows[self.blocks[e // self.per_block] * self.per_block + e % self.per_block]
+        slots = self.blocks[e // self.per_block] * self.per_block + e % self.per_block
+        if self.scales is not None:
+            return unpack_fp4_entries(self.rows[slots], self.scales[slots], dtype)
+        return self.rows[slots].to(dtype)
 
 
 def index_scores(
@@ -60,8 +74,9 @@ def index_scores(
     if len(queries) != len(keys) or sum(queries) != len(q):
         raise ValueError(f"{len(q)} queries, split {queries} over {len(keys)} key sets")
     lib = kernel_library() if q.device.type == "cpu" else None
-    dtypes = {k.rows.dtype for k in keys if k.count}
-    if lib is not None and dtypes <= {torch.float32, torch.bfloat16} and len(dtypes) <= 1:
+    formats = {_KEY_FORMATS.get(k.rows.dtype) for k in keys if k.count}
+    fits = len(formats) <= 1 and None not in formats and (2 not in formats or q.shape[-1] % FP4_BLOCK == 0)
+    if lib is not None and fits:
         return _kernel(lib, q, weights, keys, queries, usable, width, isa)
     return _torch(q, weights, keys, queries, usable, width, numerics)
 
@@ -83,24 +98,28 @@ def _kernel(
     qf, wf = q.float().contiguous(), weights.float().contiguous()
     member = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(queries))
     usable = usable.to(torch.int64).contiguous()
+    live = [k for k in keys if k.count]
+    for k in live:
+        if k.rows.dim() != 2 or k.dim != dim or (k.scales is not None and k.scales.shape[1] * FP4_BLOCK != dim):
+            raise ValueError(f"keys of dimension {dim} expected, got rows {tuple(k.rows.shape)}")
     rows = [k.rows.contiguous() if k.count else None for k in keys]  # held until the call returns
-    for r in rows:
-        if r is not None and (r.dim() != 2 or r.shape[1] != dim):
-            raise ValueError(f"keys must be [rows, {dim}], got {tuple(r.shape)}")
-    bf16_keys = any(r is not None and r.dtype == torch.bfloat16 for r in rows)
+    scales = [k.scales.contiguous() if k.count and k.scales is not None else None for k in keys]
+    key_format = _KEY_FORMATS[live[0].rows.dtype] if live else 0
     base = torch.tensor([r.data_ptr() if r is not None else 0 for r in rows], dtype=torch.int64)
+    scale_base = torch.tensor([s.data_ptr() if s is not None else 0 for s in scales], dtype=torch.int64)
     tables = torch.nn.utils.rnn.pad_sequence([k.blocks.to(torch.int64) for k in keys], batch_first=True)
     per_block = torch.tensor([k.per_block for k in keys], dtype=torch.int64)
     count = torch.tensor([k.count for k in keys], dtype=torch.int64)
     lib.dsv4_index_scores(
         ISA[isa or "avx512"],
-        int(bf16_keys),
+        key_format,
         int(q.dtype == torch.bfloat16),
         qf.data_ptr(),
         wf.data_ptr(),
         member.data_ptr(),
         usable.data_ptr(),
         base.data_ptr(),
+        scale_base.data_ptr(),
         tables.data_ptr(),
         per_block.data_ptr(),
         count.data_ptr(),
@@ -131,7 +150,7 @@ def _torch(
         hi, n = lo + n_q, min(k.count, width)
         if n_q and n:
             # Batch-invariant numerics pad a short key list: CPU GEMMs round by their column count below 12.
-            rows = numerics.pad_rows(k.gather()[:n])
+            rows = numerics.pad_rows(k.gather(q.dtype)[:n])
             per_head = torch.einsum("shd,td->sht", q[lo:hi], rows)[..., :n]
             out[lo:hi, :n] = per_head.relu_().mul_(weights[lo:hi].unsqueeze(-1)).sum(dim=1)
         lo = hi

@@ -8,6 +8,9 @@
 // where they lie in the pool (a block table per sequence), every head's product stays in registers, and tiles
 // past a query's last usable entry are skipped.
 //
+// Keys are read in their stored form: fp32, bf16, or FP4 (e2m1 codes two per byte, low nibble first, with one
+// e8m0 scale per 32 values: the simulated modes' compact keys, decoded exactly in the kernel).
+//
 // Each score is one fixed sequence of IEEE operations whatever the batch, the tiling or the instruction set,
 // so a decode query's scores equal its prefill row's bit for bit: per head the chain d = +0, d = fma(q[c],
 // k[c], d) in increasing c; then, with round_bf16 (the bf16 numerics: a bf16 einsum, ReLU, multiply and sum),
@@ -32,33 +35,62 @@ constexpr int TILE = 32;       // keys per task and per register tile (two 16-la
 constexpr int HEAD_GROUP = 8;  // heads whose chains run together (8 x 2 accumulators in registers)
 constexpr size_t QUERY_BLOCK = 128;  // queries of one sequence per pass over its keys
 
+enum KeyFmt { F32 = 0, BF16 = 1, FP4 = 2 };
+constexpr int FP4_BLOCK = 32;
+constexpr float FP4_VALUES[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                  -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
 struct Problem {
   const float* q;           // [Q, H, C] fp32
   const float* w;           // [Q, H] fp32
   const int64_t* member;    // [Q] whose keys each query scores
   const int64_t* usable;    // [Q] keys [0, usable) scored
-  const int64_t* base;      // [S] address of each member's key rows (C elements apart)
+  const int64_t* base;      // [S] address of each member's key rows
+  const int64_t* scale_base;  // [S] address of each member's FP4 scale rows (C / 32 bytes apart), FP4 only
   const int64_t* tables;    // [S, B] each member's blocks
   const int64_t* per_block; // [S] keys per block, per member
   const int64_t* count;     // [S] keys stored per member: none past them is read
   int64_t Q, H, C, S, B, width;
-  bool bf16_keys, round_bf16;
+  KeyFmt fmt;
+  bool round_bf16;
   float* out;               // [Q, width] fp32
 };
 
 // The key rows of one member: row e lies in block tables[e / per_block] at offset e % per_block.
 struct Keys {
   const uint8_t* base;
+  const uint8_t* scales;  // FP4 only
   const int64_t* table;
-  int64_t per_block, row_bytes;
-  const uint8_t* row(int64_t e) const {
-    return base + (table[e / per_block] * per_block + e % per_block) * row_bytes;
-  }
+  int64_t per_block, row_bytes, scale_bytes;
+  int64_t slot(int64_t e) const { return table[e / per_block] * per_block + e % per_block; }
+  const uint8_t* row(int64_t e) const { return base + slot(e) * row_bytes; }
+  const uint8_t* scale_row(int64_t e) const { return scales + slot(e) * scale_bytes; }
 };
 
 Keys keys_of(const Problem& p, int64_t m) {
-  return {reinterpret_cast<const uint8_t*>(p.base[m]), p.tables + m * p.B, p.per_block[m],
-          p.C * (p.bf16_keys ? 2 : 4)};
+  const int64_t row_bytes = p.fmt == F32 ? 4 * p.C : p.fmt == BF16 ? 2 * p.C : p.C / 2;
+  return {reinterpret_cast<const uint8_t*>(p.base[m]), reinterpret_cast<const uint8_t*>(p.scale_base[m]),
+          p.tables + m * p.B, p.per_block[m], row_bytes, p.C / FP4_BLOCK};
+}
+
+inline float e8m0(uint8_t s) {
+  return s == 255 ? std::numeric_limits<float>::quiet_NaN() : std::ldexp(1.0f, int(s) - 127);
+}
+
+// Key e's values, exactly (FP4 values times their power-of-two scale are exact in fp32).
+void decode_row(const Problem& p, const Keys& keys, int64_t e, float* out) {
+  const uint8_t* row = keys.row(e);
+  for (int64_t c = 0; c < p.C; ++c) {
+    if (p.fmt == F32) {
+      out[c] = reinterpret_cast<const float*>(row)[c];
+    } else if (p.fmt == BF16) {
+      const uint32_t u = uint32_t(reinterpret_cast<const uint16_t*>(row)[c]) << 16;
+      std::memcpy(out + c, &u, 4);
+    } else {
+      const uint8_t code = (row[c / 2] >> (4 * (c % 2))) & 0xF;
+      out[c] = FP4_VALUES[code] * e8m0(keys.scale_row(e)[c / FP4_BLOCK]);
+    }
+  }
 }
 
 // Ask for the rows of a tile ahead of their use.
@@ -66,6 +98,7 @@ void prefetch_tile(const Keys& keys, int64_t e0, int64_t count) {
   for (int64_t e = e0; e < std::min(e0 + TILE, count); ++e) {
     const uint8_t* row = keys.row(e);
     for (int64_t b = 0; b < keys.row_bytes; b += 64) __builtin_prefetch(row + b);
+    if (keys.scales != nullptr) __builtin_prefetch(keys.scale_row(e));
   }
 }
 
@@ -77,24 +110,17 @@ inline float round_bf16(float x) {
   return x;
 }
 
-inline float key_value(const Problem& p, const uint8_t* row, int64_t c) {
-  if (!p.bf16_keys) return reinterpret_cast<const float*>(row)[c];
-  const uint32_t u = uint32_t(reinterpret_cast<const uint16_t*>(row)[c]) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
 // One query against keys [e0, e1) of its member (all < its usable count), one key at a time.
 void score_portable(const Problem& p, const Keys& keys, int64_t qi, int64_t e0, int64_t e1) {
   const float* q = p.q + qi * p.H * p.C;
   const float* w = p.w + qi * p.H;
+  std::vector<float> k(p.C);
   for (int64_t e = e0; e < e1; ++e) {
-    const uint8_t* row = keys.row(e);
+    decode_row(p, keys, e, k.data());
     float s = 0.0f;
     for (int64_t h = 0; h < p.H; ++h) {
       float d = 0.0f;
-      for (int64_t c = 0; c < p.C; ++c) d = std::fma(q[h * p.C + c], key_value(p, row, c), d);
+      for (int64_t c = 0; c < p.C; ++c) d = std::fma(q[h * p.C + c], k[c], d);
       if (p.round_bf16) d = round_bf16(d);
       float prod = std::max(d, 0.0f) * w[h];
       if (p.round_bf16) prod = round_bf16(prod);
@@ -112,26 +138,50 @@ AVX512 inline __m512 round_bf16(__m512 x) {
   return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int(0xFFFF0000u))));
 }
 
+// One FP4 key row decoded to fp32, 32 values (one scale block, 16 bytes) at a time.
+AVX512 void decode_fp4_avx512(const Problem& p, const Keys& keys, int64_t e, float* out) {
+  const __m512 table = _mm512_loadu_ps(FP4_VALUES);
+  const __m512i even = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i odd = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  const uint8_t* row = keys.row(e);
+  const uint8_t* scales = keys.scale_row(e);
+  for (int64_t b = 0; b < p.C / FP4_BLOCK; ++b) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * b)));
+    const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(0xF)), table);
+    const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+    const __m512 scale = _mm512_set1_ps(e8m0(scales[b]));
+    _mm512_storeu_ps(out + 32 * b, _mm512_mul_ps(_mm512_permutex2var_ps(lo, even, hi), scale));
+    _mm512_storeu_ps(out + 32 * b + 16, _mm512_mul_ps(_mm512_permutex2var_ps(lo, odd, hi), scale));
+  }
+}
+
 // Keys [e0, e0 + 32) of one member, transposed: kt[c * 32 + j] = k_{e0 + j}[c]; keys at or past `count` are 0.
-AVX512 void transpose_tile(const Problem& p, const Keys& keys, int64_t e0, int64_t count, float* kt) {
+// FP4 rows are decoded into `rows` ([16, C] fp32) first.
+AVX512 void transpose_tile(const Problem& p, const Keys& keys, int64_t e0, int64_t count, float* kt, float* rows) {
   for (int half = 0; half < 2; ++half) {
-    const uint8_t* rows[16];
+    const uint8_t* src[16];
     for (int j = 0; j < 16; ++j) {
       const int64_t e = e0 + 16 * half + j;
-      rows[j] = e < count ? keys.row(e) : nullptr;
+      src[j] = nullptr;
+      if (e < count && p.fmt == FP4) {
+        decode_fp4_avx512(p, keys, e, rows + j * p.C);
+        src[j] = reinterpret_cast<const uint8_t*>(rows + j * p.C);
+      } else if (e < count) {
+        src[j] = keys.row(e);
+      }
     }
     for (int64_t c0 = 0; c0 < p.C; c0 += 16) {
       const int cols = int(std::min<int64_t>(16, p.C - c0));
       const __mmask16 mask = __mmask16((1u << cols) - 1);
       __m512i r[16];
       for (int j = 0; j < 16; ++j) {
-        if (rows[j] == nullptr) {
+        if (src[j] == nullptr) {
           r[j] = _mm512_setzero_si512();
-        } else if (p.bf16_keys) {
-          const __m256i h = _mm256_maskz_loadu_epi16(mask, rows[j] + 2 * c0);
+        } else if (p.fmt == BF16) {
+          const __m256i h = _mm256_maskz_loadu_epi16(mask, src[j] + 2 * c0);
           r[j] = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
         } else {
-          r[j] = _mm512_maskz_loadu_epi32(mask, rows[j] + 4 * c0);
+          r[j] = _mm512_maskz_loadu_epi32(mask, src[j] + 4 * c0);
         }
       }
       transpose16(r);
@@ -212,7 +262,7 @@ void run(const Problem& p, bool avx512) {
     // while it computes (one core's demand misses alone reach a fraction of the memory bandwidth).
     const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), int64_t(tasks.size())));
     at::parallel_for(0, n_threads, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> kt(avx512 ? p.C * TILE : 0);
+      std::vector<float> kt(avx512 ? p.C * TILE : 0), rows(avx512 && p.fmt == FP4 ? 16 * p.C : 0);
       for (int64_t i = b; i < e; ++i)
         for (size_t t = size_t(i); t < tasks.size(); t += size_t(n_threads)) {
           const auto [m, e0] = tasks[t];
@@ -222,7 +272,7 @@ void run(const Problem& p, bool avx512) {
             prefetch_tile(keys_of(p, next_m), next_e0, reach[next_m]);
           }
 #if DSV4_X86
-          if (avx512) transpose_tile(p, keys, e0, reach[m], kt.data());
+          if (avx512) transpose_tile(p, keys, e0, reach[m], kt.data(), rows.data());
 #endif
           const auto& mine = queries[m];
           for (size_t j = q0; j < std::min(mine.size(), q0 + QUERY_BLOCK); ++j) {
@@ -245,15 +295,15 @@ void run(const Problem& p, bool avx512) {
 
 extern "C" {
 
-// Scores of Q queries (q [Q, H, C], w [Q, H], fp32) against their members' paged keys (fp32, or bf16 when
-// bf16_keys), written to out [Q, width] (fp32; -inf from min(usable[q], count[member[q]]) on). isa: 2
-// AVX-512 where the CPU has it, 1 portable.
-void dsv4_index_scores(int isa, int bf16_keys, int round_bf16, const float* q, const float* w, const int64_t* member,
-                       const int64_t* usable, const int64_t* base, const int64_t* tables, const int64_t* per_block,
-                       const int64_t* count, int64_t Q, int64_t H, int64_t C, int64_t S, int64_t B, int64_t width,
-                       float* out) {
-  const Problem p{q, w, member, usable, base, tables, per_block, count, Q, H, C, S, B, width, bf16_keys != 0,
-                  round_bf16 != 0, out};
+// Scores of Q queries (q [Q, H, C], w [Q, H], fp32) against their members' paged keys (key_fmt 0 fp32, 1
+// bf16, 2 FP4 with scale rows at scale_base), written to out [Q, width] (fp32; -inf from min(usable[q],
+// count[member[q]]) on). isa: 2 AVX-512 where the CPU has it, 1 portable. FP4 needs C % 32 == 0.
+void dsv4_index_scores(int isa, int key_fmt, int round_bf16, const float* q, const float* w, const int64_t* member,
+                       const int64_t* usable, const int64_t* base, const int64_t* scale_base, const int64_t* tables,
+                       const int64_t* per_block, const int64_t* count, int64_t Q, int64_t H, int64_t C, int64_t S,
+                       int64_t B, int64_t width, float* out) {
+  const Problem p{q, w, member, usable, base, scale_base, tables, per_block, count, Q, H, C, S, B, width,
+                  static_cast<KeyFmt>(key_fmt), round_bf16 != 0, out};
   run(p, isa == 2 && cpu_has_avx512());
 }
 }
