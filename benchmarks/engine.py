@@ -26,7 +26,9 @@ llama.cpp that llama-cpp-python vendors (``--llama-convert``: its ``convert_hf_t
 attention off - the only one that matches the reference within tolerance) and in its defaults (F16 KV, flash
 attention on). The converter does not know the random checkpoint's byte-level test tokenizer, so it is told
 to treat it as DeepSeek-V3's pre-tokenizer; the benchmark feeds token ids, so the vocabulary's text plays no
-part. ``--profile`` prints where a batch-1 decode step's time goes (torch.profiler) instead.
+part. ``--profile`` prints where a batch-1 decode step's time goes (torch.profiler) instead. ``--numerics
+bf16_official`` (or ``fp32_sim``) measures dsv4 alone in a serving mode, its index keys and cache entries
+stored compactly (FP4, FP8).
 """
 
 from __future__ import annotations
@@ -86,9 +88,11 @@ def _fork(llm: LLM, seq: Sequence, n: int) -> list[Sequence]:
     return copies
 
 
-def bench_dsv4(path: Path, context: int, decode: int, concurrency: int, chunk_size: int) -> dict[str, float]:
+def bench_dsv4(
+    path: Path, context: int, decode: int, concurrency: int, chunk_size: int, numerics: str
+) -> dict[str, float]:
     blocks = concurrency * layout.blocks_for(context + 2 * decode + 1)
-    llm = LLM(path, "fp32_nosim", max_num_seqs=concurrency, num_blocks=blocks, chunk_size=chunk_size, progress=False)
+    llm = LLM(path, numerics, max_num_seqs=concurrency, num_blocks=blocks, chunk_size=chunk_size, progress=False)
     prompt = torch.randint(2, llm.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=0.0, max_tokens=2 * decode + 1, ignore_eos=True)
     seq = llm._requests[llm.add_request(prompt.tolist(), params)]
@@ -279,8 +283,15 @@ def main() -> None:
         help="llama.cpp's convert_hf_to_gguf.py (default: $LLAMA_CPP_CONVERT)",
     )
     parser.add_argument("--profile", action="store_true", help="profile batch-1 decode steps at each context")
+    parser.add_argument(
+        "--numerics",
+        default="fp32_nosim",
+        help="dsv4's numerics mode; the peers compute fp32 without simulation, so other modes run dsv4 alone",
+    )
     args = parser.parse_args()
     peers = args.peer or ["transformers"]
+    if args.numerics != "fp32_nosim":
+        peers = []
     if args.threads:
         torch.set_num_threads(args.threads)
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -292,7 +303,8 @@ def main() -> None:
             path = write_random_checkpoint(Path(tmp) / "ckpt", config)
         print(
             f"config: {args.model or args.config}, torch threads: {torch.get_num_threads()}, decode tokens: "
-            f"{args.decode_tokens}, concurrency: {args.concurrency}, dsv4 chunk: {args.chunk_size}"
+            f"{args.decode_tokens}, concurrency: {args.concurrency}, dsv4 chunk: {args.chunk_size}, dsv4 numerics: "
+            f"{args.numerics}"
         )
         if args.profile:
             _label_regions()
@@ -308,7 +320,7 @@ def main() -> None:
         header = f"{'context':>8} | {'engine':<22} | {'prefill tok/s':>13} | {'decode tok/s':>12} | {'aggregate':>9}"
         print(header + "\n" + "-" * len(header))
         for context in contexts:
-            ours = bench_dsv4(path, context, args.decode_tokens, args.concurrency, args.chunk_size)
+            ours = bench_dsv4(path, context, args.decode_tokens, args.concurrency, args.chunk_size, args.numerics)
             steps[context] = 1000 / ours["decode"]
             print(
                 f"{context:>8} | {'dsv4':<22} | {ours['prefill']:>13.1f} | {ours['decode']:>12.2f} | "
