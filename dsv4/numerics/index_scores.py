@@ -11,6 +11,7 @@ as torch ops over a gathered copy of the keys, rounding like the official bf16 e
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ def index_scores(
 
 
 def _kernel(
-    lib,
+    lib: ctypes.CDLL,
     q: torch.Tensor,
     weights: torch.Tensor,
     keys: list[KeyRows],
