@@ -17,7 +17,7 @@ import torch
 from dsv4.config import FP4_BLOCK
 from dsv4.numerics import kernels
 from dsv4.numerics.formats import pack_fp4_entries, unpack_fp4_entries
-from dsv4.numerics.index_scores import KeyRows, _torch, index_scores
+from dsv4.numerics.index_scores import KeyRows, index_scores
 from dsv4.numerics.modes import get_numerics
 
 NUMERICS = get_numerics("fp32_nosim")
@@ -84,7 +84,7 @@ def test_bf16_rounds_where_the_official_einsum_does(isa: str) -> None:
     expected = acc.bfloat16().masked_fill(torch.arange(n) >= usable[:, None], float("-inf"))
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, expected)
-    assert torch.equal(got, _torch(q, w, [KeyRows.of(keys)], [4], usable, n, NUMERICS))
+    assert torch.equal(got, index_scores(q, w, [KeyRows.of(keys)], [4], usable, n, NUMERICS, isa="torch"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -142,7 +142,7 @@ def test_torch_path_agrees_within_the_bound() -> None:
     q, w, keys = operands(3, 16, 128, 130, seed=5)
     usable = torch.tensor([130, 77, 1])
     rows = paged(keys, 64, seed=2)
-    got = _torch(q, w, [rows], [3], usable, 130, NUMERICS)
+    got = index_scores(q, w, [rows], [3], usable, 130, NUMERICS, isa="torch")
     kernel = index_scores(q, w, [rows], [3], usable, 130, NUMERICS)
     mag = torch.einsum("shd,td->sht", q.abs(), keys.abs()).mul(w.abs().unsqueeze(-1)).sum(1)
     finite = torch.isfinite(kernel)

@@ -57,7 +57,7 @@ import dsv4.checkpoint
 from dsv4.cache.contiguous import ContiguousCache
 from dsv4.checkpoint import INDEX_NAME, CheckpointError, expected_tensors
 from dsv4.config import ModelConfig
-from dsv4.model import attention, hyper
+from dsv4.model import attention, hyper, indexer
 from dsv4.model.batch import Span
 from dsv4.model.linear import Linear
 from dsv4.model.loading import load_model
@@ -273,11 +273,11 @@ def _in_tp_order(model: Transformer, n: int) -> Iterator[Transformer]:
             patch.setattr(layer.ffn, "forward", moe)
             if hasattr(layer.attn, "indexer"):
 
-                def scores(q: torch.Tensor, w: torch.Tensor, *where: Any, numerics: Numerics = model.numerics) -> Any:
+                def scores(q: torch.Tensor, w: torch.Tensor, *where: Any) -> Any:
                     heads = zip(q.chunk(n, dim=1), w.chunk(n, dim=1), strict=True)
-                    return added([index_scores(hq, hw, *where, numerics) for hq, hw in heads], q.dtype)
+                    return added([index_scores(hq, hw, *where) for hq, hw in heads], q.dtype)
 
-                patch.setattr(layer.attn.indexer, "_scores", scores)
+                patch.setattr(indexer, "index_scores", scores)
         yield model
 
 

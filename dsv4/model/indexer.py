@@ -20,7 +20,7 @@ from dsv4.model.linear import Linear
 from dsv4.model.parallel import SINGLE, ParallelContext, Shard, shard_of
 from dsv4.model.rope import Rotary
 from dsv4.numerics.formats import fp4_simulate, hadamard
-from dsv4.numerics.index_scores import KeyRows, index_scores
+from dsv4.numerics.index_scores import index_scores
 from dsv4.numerics.modes import Numerics
 
 # Queries x entries per chunk of a prefill's score matrix (32 MB in fp32), so that a long prompt's [queries x
@@ -71,7 +71,8 @@ class Indexer(nn.Module):
         picked = []
         for lo in range(0, s, chunk):
             hi = min(s, lo + chunk)
-            scores = self._scores(q[lo:hi], weights[lo:hi], keys, [hi - lo], usable[lo:hi], n_entries)
+            scores = index_scores(q[lo:hi], weights[lo:hi], keys, [hi - lo], usable[lo:hi], n_entries, self.numerics)
+            scores = self.parallel.all_reduce(scores)  # under TP: this rank's heads' partial sums, in their dtype
             picked.append(self._top(scores, usable[lo:hi], k))
         return torch.cat(picked)
 
@@ -85,22 +86,8 @@ class Indexer(nn.Module):
             return torch.empty(len(q), 0, dtype=torch.int64)
         keys = [cache.key_rows("index") for cache in group.caches]
         usable = (group.positions + 1) // self.ratio  # every stored entry, in decode
-        scores = self._scores(q, weights, keys, [1] * len(q), usable, n_max)
+        scores = self.parallel.all_reduce(index_scores(q, weights, keys, [1] * len(q), usable, n_max, self.numerics))
         return self._top(scores, usable, min(self.topk, n_max))
-
-    def _scores(
-        self,
-        q: torch.Tensor,
-        weights: torch.Tensor,
-        keys: list[KeyRows],
-        queries: list[int],
-        usable: torch.Tensor,
-        width: int,
-    ) -> torch.Tensor:
-        """The index scores [m, width] of queries against their sequences' keys, -inf past usable; under
-        tensor parallelism this rank's heads' partial sums, summed across ranks in the scores' dtype."""
-        scores = index_scores(q, weights, keys, queries, usable, width, self.numerics)
-        return self.parallel.all_reduce(scores)
 
     @staticmethod
     def _top(scores: torch.Tensor, usable: torch.Tensor, k: int) -> torch.Tensor:

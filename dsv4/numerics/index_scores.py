@@ -71,15 +71,30 @@ def index_scores(
     queries score ``keys[0]``, the next ``queries[1]`` ``keys[1]``, and so on. Entries [0, usable[t]) of query
     t are scored (usable[t] at most that sequence's count), the rest of the row is -inf. bf16 queries round
     as the official bf16 einsum, ReLU, multiply and sum do: each head's product and each weighted term to
-    bf16, the sum over heads in fp32 then to bf16. ``isa`` forces the kernel's 'portable' path (tests)."""
+    bf16, the sum over heads in fp32 then to bf16. ``isa`` forces the kernel's 'portable' path or the torch
+    ops ('torch'), for tests.
+
+    The torch ops (other devices, no compiler) compute the official formula over a gathered copy of each
+    sequence's keys; the bf16 einsum then rounds as the device's BLAS does."""
     if len(queries) != len(keys) or sum(queries) != len(q):
         raise ValueError(f"{len(q)} queries, split {queries} over {len(keys)} key sets")
-    lib = kernel_library() if q.device.type == "cpu" else None
+    lib = kernel_library() if q.device.type == "cpu" and isa != "torch" else None
     formats = {_KEY_FORMATS.get(k.rows.dtype) for k in keys if k.count}
     fits = len(formats) <= 1 and None not in formats and (2 not in formats or q.shape[-1] % FP4_BLOCK == 0)
     if lib is not None and fits:
         return _kernel(lib, q, weights, keys, queries, usable, width, isa)
-    return _torch(q, weights, keys, queries, usable, width, numerics)
+    out = torch.full((len(q), width), float("-inf"), dtype=q.dtype, device=q.device)
+    lo = 0
+    for k, n_q in zip(keys, queries, strict=True):
+        hi, n = lo + n_q, min(k.count, width)
+        if n_q and n:
+            # Batch-invariant numerics pad a short key list: CPU GEMMs round by their column count below 12.
+            rows = numerics.pad_rows(k.gather(q.dtype)[:n])
+            per_head = torch.einsum("shd,td->sht", q[lo:hi], rows)[..., :n]
+            out[lo:hi, :n] = per_head.relu_().mul_(weights[lo:hi].unsqueeze(-1)).sum(dim=1)
+        lo = hi
+    future = torch.arange(width, device=q.device) >= usable.unsqueeze(1)
+    return out.masked_fill_(future, float("-inf"))
 
 
 def _kernel(
@@ -133,27 +148,3 @@ def _kernel(
         out.data_ptr(),
     )
     return out.to(q.dtype)
-
-
-def _torch(
-    q: torch.Tensor,
-    weights: torch.Tensor,
-    keys: list[KeyRows],
-    queries: list[int],
-    usable: torch.Tensor,
-    width: int,
-    numerics: Numerics,
-) -> torch.Tensor:
-    """The official formula in torch ops (the bf16 einsum's rounding is the device BLAS's)."""
-    out = torch.full((len(q), width), float("-inf"), dtype=q.dtype, device=q.device)
-    lo = 0
-    for k, n_q in zip(keys, queries, strict=True):
-        hi, n = lo + n_q, min(k.count, width)
-        if n_q and n:
-            # Batch-invariant numerics pad a short key list: CPU GEMMs round by their column count below 12.
-            rows = numerics.pad_rows(k.gather(q.dtype)[:n])
-            per_head = torch.einsum("shd,td->sht", q[lo:hi], rows)[..., :n]
-            out[lo:hi, :n] = per_head.relu_().mul_(weights[lo:hi].unsqueeze(-1)).sum(dim=1)
-        lo = hi
-    future = torch.arange(width, device=q.device) >= usable.unsqueeze(1)
-    return out.masked_fill_(future, float("-inf"))
