@@ -175,6 +175,17 @@ def test_compiled_sinkhorn_survives_thread_count_changes():
         torch.set_num_threads(before)
 
 
+def test_sinkhorn_runs_eagerly_when_dynamo_is_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TORCH_COMPILE_DISABLE=1 (torch._dynamo.config.disable) makes a fullgraph compile raise rather than run
+    eagerly: the decode batches' loop must then run eagerly, with the same bits."""
+    from dsv4.model.hyper import _normalize, _sinkhorn_iterations
+
+    comb = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(1)) + 0.1
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    with torch.inference_mode():
+        assert torch.equal(_normalize(comb, 20, 1e-6), _sinkhorn_iterations(comb, 20, 1e-6))
+
+
 def test_yarn_frequencies_match_the_spec():
     """Flash numbers: pairs 0..15 keep their frequency, pairs >= 25 are divided by 16 (spec §3.3)."""
     flash = ModelConfig.preset("v4-flash")

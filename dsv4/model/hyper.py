@@ -71,7 +71,10 @@ def compile_decode_batches(hc: int, iters: int, eps: float) -> None:
 
 def _normalize(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     n = comb.shape[0] if comb.dim() == 3 else 0
-    if comb.dim() != 3 or n == 0 or n > COMPILED_ROWS or comb.device.type != "cpu":
+    # With Dynamo switched off (TORCH_COMPILE_DISABLE=1, a debugging habit) a fullgraph compile raises
+    # instead of running eagerly; the eager loop gives the same bits.
+    eager = torch._dynamo.config.disable or comb.device.type != "cpu"
+    if comb.dim() != 3 or n == 0 or n > COMPILED_ROWS or eager:
         return _sinkhorn_iterations(comb, iters, eps)
     rows = 1 << (n - 1).bit_length()
     if rows != n:
