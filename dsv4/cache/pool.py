@@ -324,15 +324,16 @@ class PagedDecodeGroup:
         for cache, p in zip(self.caches, self.step.positions, strict=True):
             if p != cache.end:
                 raise ValueError(f"cache holds positions up to {cache.end}, asked to continue at {p}")
-        back = self.positions.unsqueeze(1) - torch.arange(w - 1, 0, -1)  # positions p-w+1 .. p-1
-        ring_rows = self.slots.unsqueeze(1) * w + back % w
-        before = self.store.ring.read(ring_rows.flatten()).view(len(kv), w - 1, -1)
         for cache in self.caches:
             cache._check_reserved(cache.end + 1)
+        # Written first, then every window read in one gather: the stored form of a row is lossless for the
+        # values the model computes with, so the new row reads back as ``kv`` itself.
         self.store.ring.write(self.slots * w + self.positions % w, kv)
         for cache in self.caches:
             cache.end += 1
-        return torch.cat([before.to(kv.dtype), kv.unsqueeze(1)], dim=1)
+        window = self.positions.unsqueeze(1) - torch.arange(w - 1, -1, -1)  # positions p-w+1 .. p
+        rows = self.slots.unsqueeze(1) * w + window % w
+        return self.store.ring.read(rows.flatten()).view(len(kv), w, -1).to(kv.dtype)
 
     def push_frontier(
         self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int
