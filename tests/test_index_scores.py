@@ -172,3 +172,13 @@ def test_fp4_keys_read_in_place_score_as_their_decoded_values(isa: str, dtype: t
     got = index_scores(q, w, [stored], [3], usable, 150, NUMERICS, isa=isa)
     assert torch.equal(got, index_scores(q, w, [KeyRows.of(decoded)], [3], usable, 150, NUMERICS, isa=isa))
     assert torch.equal(stored.gather(dtype), decoded)
+
+
+def test_a_layout_that_does_not_hold_its_keys_is_refused() -> None:
+    """The kernel reads raw memory, so a block table too short for the count, or naming rows past the
+    storage, is a ValueError before the call rather than a read out of bounds."""
+    q, w, keys = operands(1, 4, 32, 64, seed=2)
+    store = torch.zeros(128, 32)
+    for blocks, count in ((torch.tensor([0]), 64), (torch.tensor([4, 1]), 64), (torch.tensor([-1]), 10)):
+        with pytest.raises(ValueError, match="do not fit"):
+            index_scores(q, w, [KeyRows(store, blocks, 32, count)], [1], torch.tensor([count]), 64, NUMERICS)

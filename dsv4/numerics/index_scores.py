@@ -115,9 +115,13 @@ def _kernel(
     member = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(queries))
     usable = usable.to(torch.int64).contiguous()
     live = [k for k in keys if k.count]
-    for k in live:
+    for k in live:  # the kernel reads raw memory: a layout that does not hold `count` keys must not reach it
         if k.rows.dim() != 2 or k.dim != dim or (k.scales is not None and k.scales.shape[1] * FP4_BLOCK != dim):
             raise ValueError(f"keys of dimension {dim} expected, got rows {tuple(k.rows.shape)}")
+        used = k.blocks[: -(-k.count // k.per_block)]
+        stored = min(len(k.rows), len(k.scales) if k.scales is not None else len(k.rows))
+        if len(used) * k.per_block < k.count or (int(used.max()) + 1) * k.per_block > stored or int(used.min()) < 0:
+            raise ValueError(f"{k.count} keys in blocks of {k.per_block} do not fit {stored} stored rows")
     rows = [k.rows.contiguous() if k.count else None for k in keys]  # held until the call returns
     scales = [k.scales.contiguous() if k.count and k.scales is not None else None for k in keys]
     key_format = _KEY_FORMATS[live[0].rows.dtype] if live else 0
