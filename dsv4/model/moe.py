@@ -4,6 +4,8 @@ with FP4 weights, one shared expert, all accumulated in fp32.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,15 +91,27 @@ class MoE(nn.Module):
         self.shared_experts = Expert(config.dim, config.moe_inter_dim, config.weight_dtype, numerics, limit)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """x [n, d]; experts accumulate into fp32 in increasing expert order (the reference's order)."""
+        """x [n, d]; experts accumulate into fp32 in increasing expert order (the reference's order).
+
+        The (token, expert) pairs are sorted by expert once (stably: tokens in order within an expert), so
+        each expert runs on a slice, and one index_add_ adds every output: it adds in source order, which is
+        increasing expert order for every token, as expert-by-expert accumulation does."""
         weights, experts = self.gate(x, token_ids)
-        y = torch.zeros_like(x, dtype=torch.float32)
-        counts = torch.bincount(experts.flatten(), minlength=self.n_experts).tolist()
+        pairs = experts.flatten()
+        order = torch.argsort(pairs, stable=True)
+        counts = torch.bincount(pairs, minlength=self.n_experts).tolist()
+        first = [0, *itertools.accumulate(counts)]
+        owned = slice(first[self.owned.start], first[self.owned.stop])
+        rows = order[owned] // experts.shape[1]
+        inputs, scales = x[rows], weights.flatten()[order[owned], None]
+        outputs = []
         for e in self.owned:
-            if counts[e] == 0:
-                continue
-            rows, slot = torch.where(experts == e)
-            y[rows] += self.experts[e](x[rows], weights[rows, slot, None])
+            lo, hi = first[e] - owned.start, first[e + 1] - owned.start
+            if lo < hi:
+                outputs.append(self.experts[e](inputs[lo:hi], scales[lo:hi]))
+        y = torch.zeros_like(x, dtype=torch.float32)
+        if outputs:
+            y.index_add_(0, rows, torch.cat(outputs).float())
         y = self.parallel.all_reduce(y)
         y += self.shared_experts(x)
         return y.to(x.dtype)
