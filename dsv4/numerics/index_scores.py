@@ -115,13 +115,9 @@ def _kernel(
     member = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(queries))
     usable = usable.to(torch.int64).contiguous()
     live = [k for k in keys if k.count]
-    for k in live:  # the kernel reads raw memory: a layout that does not hold `count` keys must not reach it
+    for k in live:
         if k.rows.dim() != 2 or k.dim != dim or (k.scales is not None and k.scales.shape[1] * FP4_BLOCK != dim):
             raise ValueError(f"keys of dimension {dim} expected, got rows {tuple(k.rows.shape)}")
-        used = k.blocks[: -(-k.count // k.per_block)]
-        stored = min(len(k.rows), len(k.scales) if k.scales is not None else len(k.rows))
-        if len(used) * k.per_block < k.count or (int(used.max()) + 1) * k.per_block > stored or int(used.min()) < 0:
-            raise ValueError(f"{k.count} keys in blocks of {k.per_block} do not fit {stored} stored rows")
     rows = [k.rows.contiguous() if k.count else None for k in keys]  # held until the call returns
     scales = [k.scales.contiguous() if k.count and k.scales is not None else None for k in keys]
     key_format = _KEY_FORMATS[live[0].rows.dtype] if live else 0
@@ -130,7 +126,10 @@ def _kernel(
     tables = torch.nn.utils.rnn.pad_sequence([k.blocks.to(torch.int64) for k in keys], batch_first=True)
     per_block = torch.tensor([k.per_block for k in keys], dtype=torch.int64)
     count = torch.tensor([k.count for k in keys], dtype=torch.int64)
-    lib.dsv4_index_scores(
+    # The kernel reads raw memory, so it first checks that each member's table keeps its keys in its rows.
+    stored = [min(len(k.rows), len(k.scales) if k.scales is not None else len(k.rows)) for k in keys]
+    stored_rows = torch.tensor(stored, dtype=torch.int64)
+    status = lib.dsv4_index_scores(
         ISA[isa or "avx512"],
         key_format,
         int(q.dtype == torch.bfloat16),
@@ -143,6 +142,7 @@ def _kernel(
         tables.data_ptr(),
         per_block.data_ptr(),
         count.data_ptr(),
+        stored_rows.data_ptr(),
         n_q,
         n_heads,
         dim,
@@ -151,4 +151,6 @@ def _kernel(
         width,
         out.data_ptr(),
     )
+    if status != 0:
+        raise ValueError(f"keys {[k.count for k in keys]} in their block tables do not fit {stored} stored rows")
     return out.to(q.dtype)

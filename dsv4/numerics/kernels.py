@@ -57,9 +57,9 @@ def _build() -> ctypes.CDLL:
     lib.dsv4_gemm_best_isa.restype = ctypes.c_int
     lib.dsv4_gemm.restype = None
     lib.dsv4_gemm.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
-    lib.dsv4_index_scores.restype = None
+    lib.dsv4_index_scores.restype = ctypes.c_int
     lib.dsv4_index_scores.argtypes = (
-        [ctypes.c_int] * 3 + [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
+        [ctypes.c_int] * 3 + [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
     )
     return lib
 

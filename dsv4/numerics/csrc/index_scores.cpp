@@ -297,13 +297,24 @@ extern "C" {
 
 // Scores of Q queries (q [Q, H, C], w [Q, H], fp32) against their members' paged keys (key_fmt 0 fp32, 1
 // bf16, 2 FP4 with scale rows at scale_base), written to out [Q, width] (fp32; -inf from min(usable[q],
-// count[member[q]]) on). isa: 2 AVX-512 where the CPU has it, 1 portable. FP4 needs C % 32 == 0.
-void dsv4_index_scores(int isa, int key_fmt, int round_bf16, const float* q, const float* w, const int64_t* member,
-                       const int64_t* usable, const int64_t* base, const int64_t* scale_base, const int64_t* tables,
-                       const int64_t* per_block, const int64_t* count, int64_t Q, int64_t H, int64_t C, int64_t S,
-                       int64_t B, int64_t width, float* out) {
+// count[member[q]]) on). isa: 2 AVX-512 where the CPU has it, 1 portable. FP4 needs C % 32 == 0. Returns
+// -1 (writing nothing) if a member's first count keys do not lie in its stored_rows rows through its table.
+int dsv4_index_scores(int isa, int key_fmt, int round_bf16, const float* q, const float* w, const int64_t* member,
+                      const int64_t* usable, const int64_t* base, const int64_t* scale_base, const int64_t* tables,
+                      const int64_t* per_block, const int64_t* count, const int64_t* stored_rows, int64_t Q,
+                      int64_t H, int64_t C, int64_t S, int64_t B, int64_t width, float* out) {
+  for (int64_t m = 0; m < S; ++m) {
+    if (count[m] <= 0) continue;
+    const int64_t used = (count[m] + per_block[m] - 1) / per_block[m];
+    if (used > B) return -1;
+    for (int64_t b = 0; b < used; ++b) {
+      const int64_t block = tables[m * B + b];
+      if (block < 0 || (block + 1) * per_block[m] > stored_rows[m]) return -1;
+    }
+  }
   const Problem p{q, w, member, usable, base, scale_base, tables, per_block, count, Q, H, C, S, B, width,
                   static_cast<KeyFmt>(key_fmt), round_bf16 != 0, out};
   run(p, isa == 2 && cpu_has_avx512());
+  return 0;
 }
 }
