@@ -82,7 +82,7 @@ def index_scores(
     formats = {_KEY_FORMATS.get(k.rows.dtype) for k in keys if k.count}
     fits = len(formats) <= 1 and None not in formats and (2 not in formats or q.shape[-1] % FP4_BLOCK == 0)
     if lib is not None and fits:
-        return _kernel(lib, q, weights, keys, queries, usable, width, isa)
+        return _kernel(lib, next(iter(formats), 0), q, weights, keys, queries, usable, width, isa)
     out = torch.full((len(q), width), float("-inf"), dtype=q.dtype, device=q.device)
     lo = 0
     for k, n_q in zip(keys, queries, strict=True):
@@ -99,6 +99,7 @@ def index_scores(
 
 def _kernel(
     lib: ctypes.CDLL,
+    key_format: int,
     q: torch.Tensor,
     weights: torch.Tensor,
     keys: list[KeyRows],
@@ -114,13 +115,11 @@ def _kernel(
     qf, wf = q.float().contiguous(), weights.float().contiguous()
     member = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(queries))
     usable = usable.to(torch.int64).contiguous()
-    live = [k for k in keys if k.count]
-    for k in live:
+    for k in (k for k in keys if k.count):
         if k.rows.dim() != 2 or k.dim != dim or (k.scales is not None and k.scales.shape[1] * FP4_BLOCK != dim):
             raise ValueError(f"keys of dimension {dim} expected, got rows {tuple(k.rows.shape)}")
     rows = [k.rows.contiguous() if k.count else None for k in keys]  # held until the call returns
     scales = [k.scales.contiguous() if k.count and k.scales is not None else None for k in keys]
-    key_format = _KEY_FORMATS[live[0].rows.dtype] if live else 0
     base = torch.tensor([r.data_ptr() if r is not None else 0 for r in rows], dtype=torch.int64)
     scale_base = torch.tensor([s.data_ptr() if s is not None else 0 for s in scales], dtype=torch.int64)
     tables = torch.nn.utils.rnn.pad_sequence([k.blocks.to(torch.int64) for k in keys], batch_first=True)
