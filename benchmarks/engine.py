@@ -226,6 +226,7 @@ def _label_regions() -> None:
     _record(attention.Attention, "forward", "attention (all of it)")
     _record(attention.Attention, "_gather_decode", "attention: cache reads and writes")
     _record(attention, "sparse_attention_on_keys", "attention: sparse core")
+    _record(attention, "attend_gathered", "attention: sparse core")
     _record(indexer.Indexer, "select_group", "indexer top-k")
     _record(compressor.Compressor, "pool_group", "compressor pooling")
     _record(moe.MoE, "forward", "MoE (all of it)")

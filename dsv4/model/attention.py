@@ -23,7 +23,7 @@ from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm, head_rms_normalize
 from dsv4.model.parallel import SINGLE, ParallelContext, Shard, shard_of
 from dsv4.model.rope import Rotary
-from dsv4.model.sparse_attention import BLOCK, keys_with_zero_row, sparse_attention_on_keys
+from dsv4.model.sparse_attention import BLOCK, attend_gathered, keys_with_zero_row, sparse_attention_on_keys
 from dsv4.numerics.formats import fp8_simulate
 from dsv4.numerics.modes import Numerics
 
@@ -69,6 +69,31 @@ def _assemble(
         indices[rows, : lists.shape[1]] = torch.where(lists >= 0, lists + offset, -1)
         offset += sum(len(k) for k in keys)
     return keys_with_zero_row([k for _, keys, _ in parts for k in keys]), indices
+
+
+def _layout_keys(
+    parts: list[tuple[torch.Tensor, torch.Tensor | None]], whole_blocks: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query key pieces [S, n_i, d] (with their -1 slots [S, n_i], or None for none) as one fp32 tensor
+    [S, slots, d] padded with zeros to whole blocks, and the -1 slots of the joined lists. The -1 slots are
+    zeroed: what a cache read returns there is arbitrary. ``whole_blocks`` as in ``_assemble``."""
+    first = parts[0][0]
+    n, dim, device = first.shape[0], first.shape[-1], first.device
+    width = sum(keys.shape[1] for keys, _ in parts)
+    slots = -(-width // BLOCK) * BLOCK
+    out = torch.empty(n, slots, dim, dtype=torch.float32, device=device)
+    invalid = torch.zeros(n, slots if whole_blocks else width, dtype=torch.bool, device=device)
+    start = 0
+    for keys, missing in parts:
+        piece = out[:, start : start + keys.shape[1]]
+        piece.copy_(keys)
+        if missing is not None:
+            piece.masked_fill_(missing.unsqueeze(-1), 0.0)
+            invalid[:, start : start + keys.shape[1]] = missing
+        start += keys.shape[1]
+    out[:, width:].zero_()
+    invalid[:, width:] = True
+    return out, invalid
 
 
 class Attention(nn.Module):
@@ -126,14 +151,26 @@ class Attention(nn.Module):
         indexed = None
         if self.spec.kind == LayerKind.CSA:
             indexed = (*self.indexer.project(x, qr, cis), self.indexer.compressor.project(x))
-        parts = []
-        if batch.decodes:
-            parts.append((batch.decode_rows, *self._gather_decode(batch, kv, compressed, indexed)))
-        for span in batch.prefills:
-            cache = span.cache.layer(self.layer_index)
-            parts.append((span.rows, *self._gather(span.rows, kv, compressed, indexed, span.pos0, cache)))
-        keys, indices = _assemble(len(x), parts, self.numerics.batch_invariant)
-        o = sparse_attention_on_keys(q, keys, indices, self.attn_sink, self.softmax_scale)
+        o = q.new_empty(q.shape)
+        if batch.decodes:  # keys laid out per query straight from the cache reads
+            keys, invalid = self._gather_decode(batch, kv, compressed, indexed)
+            rows = batch.decode_rows
+            o[rows] = attend_gathered(q[rows], keys, invalid, self.attn_sink, self.softmax_scale)
+        if batch.prefills:
+            parts, offset = [], 0
+            for span in batch.prefills:
+                cache = span.cache.layer(self.layer_index)
+                local = slice(offset, offset + span.length)
+                parts.append((local, *self._gather(span.rows, kv, compressed, indexed, span.pos0, cache)))
+                offset += span.length
+            keys, indices = _assemble(offset, parts, self.numerics.batch_invariant)
+            rows = batch.prefill_rows
+            q_rows = q if rows is None else q[rows]
+            o_rows = sparse_attention_on_keys(q_rows, keys, indices, self.attn_sink, self.softmax_scale)
+            if rows is None:
+                o = o_rows
+            else:
+                o[rows] = o_rows
 
         o = self.rotary.rotate(o, cis, inverse=True)
         # Grouped low-rank output: group g's heads through wo_a's rows of group g, without activation
@@ -149,39 +186,40 @@ class Attention(nn.Module):
         kv: torch.Tensor,
         compressed: tuple[torch.Tensor, torch.Tensor] | None,
         indexed: tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None,
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """``_gather`` for S sequences adding one token each, their cache reads done together: the keys
-        (every member's window [S·window, d], then every member's k entries [S·k, d]) and each query's list
-        [S, window + k] into them.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_gather`` for S sequences adding one token each, their cache reads done together, laid out as
+        ``attend_gathered`` reads them: keys [S, slots, d] (each member's window rows, then its k entries),
+        and which of them are -1 slots [S, window + k].
 
-        The lists name the same keys in the same order as ``_gather``'s (window rows oldest first, then the
-        entries in top-k order), so each query attends to exactly what it would on its own.
+        Each query sees exactly the keys in the order ``_gather``'s lists name (window rows oldest first, then
+        the entries in top-k order), so it attends as it would alone; the keys are copied once, from the
+        cache reads into the layout, where a shared KV tensor and index lists would copy them twice more.
         """
         step, rows = batch.decode_step, batch.decode_rows
         assert step is not None
         caches = [span.cache.layer(self.layer_index) for span in batch.decodes]
         group = caches[0].decode_group(caches, step)
-        n = len(caches)
-        keys = group.advance_window(kv[rows]).flatten(0, 1)
-        lists = batch.window_lists
+        window = group.advance_window(kv[rows])
+        parts: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        if batch.window_lists is None:  # every window full: the reads are already in list order
+            parts.append((window, None))
+        else:
+            lists = batch.window_lists
+            parts.append((window.flatten(0, 1)[lists.clamp(min=0)], lists < 0))
 
         ratio = self.spec.compress_ratio
-        if not ratio:
-            return [keys], lists
-        if indexed is not None:
-            q_index, weights, (index_kv, index_score) = indexed
-            self.indexer.compressor.pool_group(index_kv[rows], index_score[rows], group, "index")
-            chosen = self.indexer.select_group(q_index[rows], weights[rows], group)
-        self.compressor.pool_group(compressed[0][rows], compressed[1][rows], group, "kv")
-        if indexed is None:  # HCA: every complete entry
-            j = torch.arange(max(cache.num_entries("kv") for cache in caches))  # host ints: no device sync
-            chosen = torch.where(j < ((step.positions_t + 1) // ratio).unsqueeze(1), j, -1)
-        k = chosen.shape[1]
-        if k == 0:
-            return [keys], lists
-        entries = group.entries("kv", chosen).flatten(0, 1)
-        at = len(keys) + torch.arange(n * k).view(n, k)
-        return [keys, entries], torch.cat([lists, torch.where(chosen >= 0, at, -1)], dim=1)
+        if ratio:
+            if indexed is not None:
+                q_index, weights, (index_kv, index_score) = indexed
+                self.indexer.compressor.pool_group(index_kv[rows], index_score[rows], group, "index")
+                chosen = self.indexer.select_group(q_index[rows], weights[rows], group)
+            self.compressor.pool_group(compressed[0][rows], compressed[1][rows], group, "kv")
+            if indexed is None:  # HCA: every complete entry
+                j = torch.arange(max(cache.num_entries("kv") for cache in caches))  # host ints: no device sync
+                chosen = torch.where(j < ((step.positions_t + 1) // ratio).unsqueeze(1), j, -1)
+            if chosen.shape[1]:
+                parts.append((group.entries("kv", chosen), chosen < 0))
+        return _layout_keys(parts, self.numerics.batch_invariant)
 
     def _gather(
         self,

@@ -41,7 +41,10 @@ class StepBatch:
     decodes: list[Span]  # one-token spans: their cache reads and writes are batched (``DecodeStep``)
     decode_rows: torch.Tensor  # [S] their rows in the flattened batch
     decode_step: DecodeStep | None
-    window_lists: torch.Tensor  # [S, window]: each decode query's window rows in its group's window keys
+    # [S, window]: each decode query's window rows in its group's window reads [S·window], oldest first then
+    # -1; None when every window is full (the reads are then already in list order)
+    window_lists: torch.Tensor | None
+    prefill_rows: torch.Tensor | None  # the prefill spans' rows, in span order; None when they are all rows
 
     @classmethod
     def build(cls, tokens: torch.Tensor, spans: list[Span], logit_rows: torch.Tensor | None, window: int) -> StepBatch:
@@ -52,18 +55,25 @@ class StepBatch:
         decodes = [s for s in spans if s.length == 1]
         hosts = [s.pos0 for s in decodes]
         at = torch.tensor(hosts, dtype=torch.long)
-        # Member i's window holds positions p-w+1 .. p (as rows i·w .. i·w+w-1 of the group's window keys);
-        # its list starts at the first non-negative position.
-        slot = torch.arange(window) + (window - 1 - at).clamp(min=0).unsqueeze(1)
-        lists = torch.where(slot < window, torch.arange(len(decodes)).unsqueeze(1) * window + slot, -1)
+        lists = None
+        if min(hosts, default=window) < window - 1:
+            # Member i's window holds positions p-w+1 .. p (as rows i·w .. i·w+w-1 of the group's window
+            # reads); its list starts at the first non-negative position.
+            slot = torch.arange(window) + (window - 1 - at).clamp(min=0).unsqueeze(1)
+            lists = torch.where(slot < window, torch.arange(len(decodes)).unsqueeze(1) * window + slot, -1)
+        prefills = [s for s in spans if s.length > 1]
+        prefill_rows = None
+        if decodes and prefills:
+            prefill_rows = torch.cat([torch.arange(s.start, s.start + s.length) for s in prefills])
         return cls(
             tokens=tokens,
             spans=spans,
             positions=positions,
             logit_rows=logit_rows,
-            prefills=[s for s in spans if s.length > 1],
+            prefills=prefills,
             decodes=decodes,
             decode_rows=torch.tensor([s.start for s in decodes], dtype=torch.long),
             decode_step=DecodeStep([s.cache for s in decodes], hosts, at) if decodes else None,
             window_lists=lists,
+            prefill_rows=prefill_rows,
         )

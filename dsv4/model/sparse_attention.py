@@ -54,8 +54,28 @@ def sparse_attention_on_keys(
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
     """One pass of queries; ``keys`` are fp32 with a trailing zero row."""
-    t_len, n_heads, dim = q.shape
+    # Every block's rows gathered at once, the lists padded to whole blocks with the zero row.
     zero_row = len(keys) - 1
+    idx = idx.long()
+    invalid = idx < 0
+    rows = torch.nn.functional.pad(torch.where(invalid, zero_row, idx), (0, -idx.shape[1] % BLOCK), value=zero_row)
+    return attend_gathered(q, keys[rows], invalid, sink, scale)
+
+
+def attend_gathered(
+    q: torch.Tensor, keys: torch.Tensor, invalid: torch.Tensor, sink: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The kernel's block loop over keys already laid out per query: keys [T, slots, D] fp32 with slots the
+    list width rounded up to whole blocks, invalid [T, width] (True for a -1 slot). Every slot that is
+    invalid or past the width must hold a finite key (zeros, as the kernel loads): its probability is 0,
+    and 0 times a finite value adds exactly nothing to P·V.
+
+    The kernel's tile is 64 slots wide whatever the list's width, so a short last block's logits are one
+    [heads x 64] product (which the BLAS rounds differently from a narrower one); its sums and P·V use the
+    real slots.
+    """
+    t_len, n_heads, dim = q.shape
+    width = invalid.shape[1]
     p_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     qf = q.float()
     sink = sink.float()
@@ -63,18 +83,10 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, sink: torch.
     m = torch.full((t_len, n_heads), -torch.inf, dtype=torch.float32, device=q.device)
     l_sum = torch.zeros((t_len, n_heads), dtype=torch.float32, device=q.device)
     acc = torch.zeros((t_len, n_heads, dim), dtype=torch.float32, device=q.device)
-    # Every block's rows gathered at once, the lists padded to whole blocks with the zero row: the kernel's
-    # tile is 64 slots wide whatever the list's width, so a short last block's logits are one [heads x 64]
-    # product (which the BLAS rounds differently from a narrower one); its sums and P·V use the real slots.
-    width = idx.shape[1]
-    idx = idx.long()
-    invalid = (idx < 0).unsqueeze(1)
-    rows = torch.where(invalid.squeeze(1), zero_row, idx)
-    rows = torch.nn.functional.pad(rows, (0, -width % BLOCK), value=zero_row)
-    gathered = keys[rows]
+    invalid = invalid.unsqueeze(1)
     for start in range(0, width, BLOCK):
         end = min(start + BLOCK, width)
-        k_blk = gathered[:, start : start + BLOCK]
+        k_blk = keys[:, start : start + BLOCK]
         z = (torch.bmm(qf, k_blk.transpose(1, 2)) * scale_t)[..., : end - start]
         z = z.masked_fill(invalid[..., start:end], -torch.inf)
         m_new = torch.maximum(m, z.amax(dim=-1))
