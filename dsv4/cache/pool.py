@@ -336,7 +336,7 @@ class PagedDecodeGroup:
         return self.store.ring.read(rows.flatten()).view(len(kv), w, -1).to(kv.dtype)
 
     def push_frontier(
-        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int, members: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         kv_buf, score_buf = self.store.frontiers[name]
         pending = torch.tensor([c.pending[name] for c in self.caches])
@@ -345,8 +345,8 @@ class PagedDecodeGroup:
         score_buf[self.slots, pending] = score
         for cache in self.caches:
             cache.pending[name] += 1
-        rows = (pending.unsqueeze(1) + 1 - tail + torch.arange(tail)).clamp(min=0)
-        slots = self.slots.unsqueeze(1)
+        rows = (pending[members].unsqueeze(1) + 1 - tail + torch.arange(tail)).clamp(min=0)
+        slots = self.slots[members].unsqueeze(1)
         return kv_buf[slots, rows], score_buf[slots, rows]
 
     def trim_frontier(self, name: str, members: torch.Tensor, keep: int) -> None:

@@ -93,10 +93,11 @@ class DecodeGroup(Protocol):
         ...
 
     def push_frontier(
-        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int, members: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append each member's new row (kv, score [S, C]) to its frontier; return the last ``tail`` rows of
-        every frontier, [S, tail, C] each (arbitrary where a frontier is shorter)."""
+        the frontiers of ``members`` (indices into the group), [m, tail, C] each (arbitrary where a frontier
+        is shorter). Only the members that complete a window read their tail."""
         ...
 
     def trim_frontier(self, name: str, members: torch.Tensor, keep: int) -> None:
@@ -133,17 +134,20 @@ class LoopDecodeGroup:
         return out
 
     def push_frontier(
-        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int, members: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        kv_tail = kv.new_zeros(len(kv), tail, kv.shape[-1])
+        chosen = members.tolist()
+        kv_tail = kv.new_zeros(len(chosen), tail, kv.shape[-1])
         score_tail = torch.zeros_like(kv_tail)
         for i, cache in enumerate(self.caches):
             old_kv, old_score = cache.frontier(name)
             new_kv = torch.cat([old_kv, kv[i : i + 1]]) if len(old_kv) else kv[i : i + 1]
             new_score = torch.cat([old_score, score[i : i + 1]]) if len(old_score) else score[i : i + 1]
             cache.set_frontier(name, new_kv, new_score)
-            kv_tail[i, tail - min(tail, len(new_kv)) :] = new_kv[-tail:]
-            score_tail[i, tail - min(tail, len(new_score)) :] = new_score[-tail:]
+            if i in chosen:
+                j = chosen.index(i)
+                kv_tail[j, tail - min(tail, len(new_kv)) :] = new_kv[-tail:]
+                score_tail[j, tail - min(tail, len(new_score)) :] = new_score[-tail:]
         return kv_tail, score_tail
 
     def trim_frontier(self, name: str, members: torch.Tensor, keep: int) -> None:

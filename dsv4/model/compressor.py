@@ -93,11 +93,11 @@ class Compressor(nn.Module):
         positions = group.positions
         score = score + self.ape[positions % r]
         tail = 2 * r if self.overlap else r
-        kv, score = group.push_frontier(name, kv, score, tail)
         done = group.step.derived(f"complete/{r}", lambda: self._completing(group.step.positions))
+        kv, score = group.push_frontier(name, kv, score, tail, done)
         if not len(done):
             return
-        kv, score, starts = kv[done], score[done], positions[done] + 1 - r
+        starts = positions[done] + 1 - r
         if self.overlap:
             first = starts == 0  # entry 0 has no previous window: its slots weigh nothing
             kv[first, :r], score[first, :r] = 0.0, float("-inf")
