@@ -73,27 +73,38 @@ def _assemble(
 
 def _layout_keys(
     parts: list[tuple[torch.Tensor, torch.Tensor | None]], whole_blocks: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-query key pieces [S, n_i, d] (with their -1 slots [S, n_i], or None for none) as one fp32 tensor
-    [S, slots, d] padded with zeros to whole blocks, and the -1 slots of the joined lists. The -1 slots are
-    zeroed: what a cache read returns there is arbitrary. ``whole_blocks`` as in ``_assemble``."""
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-query key pieces [S, n_i, d] (with their -1 slots [S, n_i], or None for none) as ``attend_gathered``
+    reads them - fp32 pieces that together cover the lists padded with zeros to whole blocks, every block
+    inside one piece - and the -1 slots of the joined lists. The -1 slots are zeroed (what a cache read
+    returns there is arbitrary). Leading fp32 pieces of whole blocks without -1 slots (full decode windows)
+    are used as they are; the rest is copied once into one tensor. ``whole_blocks`` as in ``_assemble``."""
     first = parts[0][0]
     n, dim, device = first.shape[0], first.shape[-1], first.device
     width = sum(keys.shape[1] for keys, _ in parts)
-    slots = -(-width // BLOCK) * BLOCK
-    out = torch.empty(n, slots, dim, dtype=torch.float32, device=device)
-    invalid = torch.zeros(n, slots if whole_blocks else width, dtype=torch.bool, device=device)
-    start = 0
-    for keys, missing in parts:
-        piece = out[:, start : start + keys.shape[1]]
+    invalid = torch.zeros(n, -(-width // BLOCK) * BLOCK if whole_blocks else width, dtype=torch.bool, device=device)
+    invalid[:, width:] = True
+    pieces, start, i = [], 0, 0
+    while i < len(parts) and parts[i][1] is None and parts[i][0].dtype == torch.float32:
+        if parts[i][0].shape[1] % BLOCK:
+            break
+        pieces.append(parts[i][0])
+        start += parts[i][0].shape[1]
+        i += 1
+    if i == len(parts):
+        return pieces, invalid
+    rest = width - start
+    out = torch.empty(n, -(-rest // BLOCK) * BLOCK, dim, dtype=torch.float32, device=device)
+    at = 0
+    for keys, missing in parts[i:]:
+        piece = out[:, at : at + keys.shape[1]]
         piece.copy_(keys)
         if missing is not None:
             piece.masked_fill_(missing.unsqueeze(-1), 0.0)
-            invalid[:, start : start + keys.shape[1]] = missing
-        start += keys.shape[1]
-    out[:, width:].zero_()
-    invalid[:, width:] = True
-    return out, invalid
+            invalid[:, start + at : start + at + keys.shape[1]] = missing
+        at += keys.shape[1]
+    out[:, rest:].zero_()
+    return [*pieces, out], invalid
 
 
 class Attention(nn.Module):

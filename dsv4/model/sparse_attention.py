@@ -63,10 +63,11 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, sink: torch.
 
 
 def attend_gathered(
-    q: torch.Tensor, keys: torch.Tensor, invalid: torch.Tensor, sink: torch.Tensor, scale: float
+    q: torch.Tensor, keys: torch.Tensor | list[torch.Tensor], invalid: torch.Tensor, sink: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """The kernel's block loop over keys already laid out per query: keys [T, slots, D] fp32 with slots the
-    list width rounded up to whole blocks, invalid [T, width] (True for a -1 slot). Every slot that is
+    list width rounded up to whole blocks - or that tensor as pieces along the slots, each of whole blocks
+    (the last may stop at the width) - and invalid [T, width] (True for a -1 slot). Every slot that is
     invalid or past the width must hold a finite key (zeros, as the kernel loads): its probability is 0,
     and 0 times a finite value adds exactly nothing to P·V.
 
@@ -84,9 +85,11 @@ def attend_gathered(
     l_sum = torch.zeros((t_len, n_heads), dtype=torch.float32, device=q.device)
     acc = torch.zeros((t_len, n_heads, dim), dtype=torch.float32, device=q.device)
     invalid = invalid.unsqueeze(1)
-    for start in range(0, width, BLOCK):
+    pieces = keys if isinstance(keys, list) else [keys]
+    blocks = [(piece, b) for piece in pieces for b in range(0, piece.shape[1], BLOCK)]
+    for (piece, b), start in zip(blocks, range(0, width, BLOCK), strict=True):
         end = min(start + BLOCK, width)
-        k_blk = keys[:, start : start + BLOCK]
+        k_blk = piece[:, b : b + BLOCK]
         z = (torch.bmm(qf, k_blk.transpose(1, 2)) * scale_t)[..., : end - start]
         z = z.masked_fill(invalid[..., start:end], -torch.inf)
         m_new = torch.maximum(m, z.amax(dim=-1))
