@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from dsv4.config import FP4_BLOCK, QUANT_BLOCK, ModelConfig
+from dsv4.config import FP4_BLOCK, QUANT_BLOCK, ModelConfig, overlapping
 from dsv4.model.parallel import WHOLE, Shard
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -78,7 +78,7 @@ def _linear(out: dict[str, TensorSpec], name: str, rows: int, cols: int, fmt: st
 
 def _compressor(out: dict[str, TensorSpec], name: str, ratio: int, width: int, dim: int) -> None:
     # Ratio 4 pools overlapping windows, so every token carries two halves of features (coff = 2).
-    coff = 2 if ratio == 4 else 1
+    coff = 2 if overlapping(ratio) else 1
     out[f"{name}.wkv.weight"] = ((coff * width, dim), torch.bfloat16)
     out[f"{name}.wgate.weight"] = ((coff * width, dim), torch.bfloat16)
     out[f"{name}.ape"] = ((ratio, coff * width), torch.float32)

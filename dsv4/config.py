@@ -46,6 +46,12 @@ class LayerKind(enum.StrEnum):
 _KIND_OF_RATIO = {0: LayerKind.WINDOW, 4: LayerKind.CSA, 128: LayerKind.HCA}
 
 
+def overlapping(ratio: int) -> bool:
+    """Ratio-4 compression pools overlapping windows: each token projects two halves of features, and an entry
+    pools the second halves of its window with the first halves of the previous one."""
+    return ratio == 4
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """What one block is: its attention kind, its routing and its RoPE table."""
@@ -59,8 +65,7 @@ class LayerSpec:
 
     @property
     def overlap(self) -> bool:
-        """Ratio-4 compression pools overlapping windows (two halves of features per token)."""
-        return self.compress_ratio == 4
+        return overlapping(self.compress_ratio)
 
 
 @dataclass(frozen=True)

@@ -429,3 +429,28 @@ def test_replica_replays_the_journal(models: Models, vectors: Vectors) -> None:
     replica.new_sequence()  # out of step: the next replay must not silently pick another slot
     with pytest.raises(RuntimeError, match="diverged"):
         replica.replay(main.journal[-1])
+
+
+@pytest.mark.parametrize("kind", [LayerKind.CSA, LayerKind.HCA])
+def test_the_cache_keeps_exactly_the_frontier_a_later_entry_needs(config: ModelConfig, kind: LayerKind) -> None:
+    """``extend_frontier`` (paged and contiguous) returns every row from the first kept position and then keeps
+    the rows of positions [frontier_start(end), end): the window in progress and, for ratio 4, the previous
+    one - whatever the chunking of the positions."""
+    spec = next(s for s in config.layers if s.kind is kind)
+    ratio = spec.compress_ratio
+    width = next(f for f in layout.frontiers(config, spec) if f.role == "attention").shape[1]
+    pool = KVPool(config, "fp32_nosim", num_blocks=4, block_tokens=128, max_sequences=1)
+    contiguous = ContiguousCache(spec.index + 1, config.window_size, torch.float32).layer(spec.index)
+    caches = [pool.new_sequence().layer(spec.index), contiguous]
+    fed = torch.randn(3 * ratio + 7, 2, width)
+    for cache in caches:
+        pos = 0
+        for n in [1, 2, ratio - 1, 1, ratio + 2, 1, 1, ratio, 1]:
+            n = min(n, len(fed) - pos)
+            kv, score, start = cache.extend_frontier("kv", fed[pos : pos + n, 0], fed[pos : pos + n, 1], pos, ratio)
+            pos += n
+            assert start == layout.frontier_start(ratio, pos - n)
+            assert torch.equal(kv, fed[start:pos, 0]) and torch.equal(score, fed[start:pos, 1])
+            kept_kv, kept_score = cache.frontier("kv")
+            first = layout.frontier_start(ratio, pos)
+            assert torch.equal(kept_kv, fed[first:pos, 0]) and torch.equal(kept_score, fed[first:pos, 1])

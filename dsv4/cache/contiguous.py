@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.cache.view import DecodeStep, LayerCache, LoopDecodeGroup
+from dsv4.cache.view import DecodeStep, LayerCache, LoopDecodeGroup, extend_rows
 from dsv4.numerics.index_scores import KeyRows
 
 
@@ -60,8 +60,12 @@ class ContiguousLayerCache:
         empty = torch.empty(0, 0)
         return self._frontiers.get(name, (empty, empty))
 
-    def set_frontier(self, name: str, kv: torch.Tensor, score: torch.Tensor) -> None:
-        self._frontiers[name] = (kv.clone(), score.clone())
+    def extend_frontier(
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, pos0: int, ratio: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        kv, score, start, drop = extend_rows(self.frontier(name), kv, score, pos0, ratio)
+        self._frontiers[name] = (kv[drop:].clone(), score[drop:].clone())
+        return kv, score, start
 
     def append_entries(self, name: str, entries: torch.Tensor) -> None:
         self._entries.setdefault(name, _Growing()).append(entries)

@@ -32,7 +32,7 @@ from fractions import Fraction
 
 import torch
 
-from dsv4.config import FP4_BLOCK, KV_FP8_BLOCK, VALID_RATIOS, LayerKind, LayerSpec, ModelConfig
+from dsv4.config import FP4_BLOCK, KV_FP8_BLOCK, VALID_RATIOS, LayerKind, LayerSpec, ModelConfig, overlapping
 from dsv4.numerics.modes import MODES, get_numerics
 
 PAPER = "paper"
@@ -218,6 +218,13 @@ def indexer_key_format(config: ModelConfig, mode: str) -> RowFormat:
     else:
         segments = (Segment("key", dims, "fp32"),)
     return RowFormat("indexer_key", segments)
+
+
+def frontier_start(ratio: int, end: int) -> int:
+    """The first position a ratio-``ratio`` compressor's frontier keeps once positions [0, end) are seen: the
+    tokens of the window in progress and, for overlapping (ratio-4) windows, the whole previous window, whose
+    first halves the next entry pools."""
+    return max(end // ratio * ratio - (ratio if overlapping(ratio) else 0), 0)
 
 
 def frontiers(config: ModelConfig, spec: LayerSpec) -> tuple[Frontier, ...]:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.cache import layout
-from dsv4.cache.view import DecodeStep
+from dsv4.cache.view import DecodeStep, completing, extend_rows
 from dsv4.config import FP4_BLOCK, KV_FP8_BLOCK, LayerKind, LayerSpec, ModelConfig
 from dsv4.device import device_scope
 from dsv4.numerics.formats import FP4_VALUES, e8m0_to_float, pack_fp4_entries, pack_fp8_entries, unpack_fp8_entries
@@ -241,20 +241,23 @@ class PagedLayerCache:
         self.end = end
 
     def frontier(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views into the slot, valid until the next ``set_frontier``."""
+        """Views into the slot, valid until the next ``extend_frontier``."""
         kv, score = self.store.frontiers[name]
         n, slot = self.pending[name], self.seq.slot
         return kv[slot, :n], score[slot, :n]
 
-    def set_frontier(self, name: str, kv: torch.Tensor, score: torch.Tensor) -> None:
+    def extend_frontier(
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, pos0: int, ratio: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        assert ratio == self.store.spec.compress_ratio, f"{name!r} pools every {self.store.spec.compress_ratio}"
+        kv, score, start, drop = extend_rows(self.frontier(name), kv, score, pos0, ratio)
         kv_buf, score_buf = self.store.frontiers[name]
-        n, slot = len(kv), self.seq.slot
+        n, slot = len(kv) - drop, self.seq.slot
         assert n <= kv_buf.shape[1], f"frontier {name!r}: {n} pending rows, room for {kv_buf.shape[1]}"
-        for buf, src in ((kv_buf, kv), (score_buf, score)):
-            # a slice of this very buffer (what frontier() returned) would overlap its destination
-            same = src.numel() > 0 and src.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
-            buf[slot, :n] = src.clone() if same else src
+        # kv holds a copy of the old rows (the join), so writing over them is safe
+        kv_buf[slot, :n], score_buf[slot, :n] = kv[drop:], score[drop:]
         self.pending[name] = n
+        return kv, score, start
 
     def _physical(self, rows: torch.Tensor) -> torch.Tensor:
         per_block = self.store.per_block
@@ -336,8 +339,9 @@ class PagedDecodeGroup:
         return self.store.ring.read(rows.flatten()).view(len(kv), w, -1).to(kv.dtype)
 
     def push_frontier(
-        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int, members: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, ratio: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert ratio == self.store.spec.compress_ratio, f"{name!r} pools every {self.store.spec.compress_ratio}"
         kv_buf, score_buf = self.store.frontiers[name]
         pending = torch.tensor([c.pending[name] for c in self.caches])
         assert int(pending.max()) < kv_buf.shape[1], f"frontier {name!r} is full"
@@ -345,20 +349,22 @@ class PagedDecodeGroup:
         score_buf[self.slots, pending] = score
         for cache in self.caches:
             cache.pending[name] += 1
-        rows = (pending[members].unsqueeze(1) + 1 - tail + torch.arange(tail)).clamp(min=0)
-        slots = self.slots[members].unsqueeze(1)
-        return kv_buf[slots, rows], score_buf[slots, rows]
-
-    def trim_frontier(self, name: str, members: torch.Tensor, keep: int) -> None:
-        kv_buf, score_buf = self.store.frontiers[name]
-        pending = torch.tensor([self.caches[i].pending[name] for i in members.tolist()])
-        assert bool((pending >= keep).all()), f"frontier {name!r}: fewer than {keep} rows to keep"
-        slots = self.slots[members].unsqueeze(1)
-        kept = (pending.unsqueeze(1) - keep + torch.arange(keep)).clamp(min=0)
+        done = self.step.derived(f"complete/{ratio}", lambda: completing(self.step.positions, ratio))
+        if not len(done):
+            return done, kv[:0, None], score[:0, None]
+        # The completed windows' rows (with overlap, the previous window's too) ...
+        tail = kv_buf.shape[1]
+        slots, pending = self.slots[done].unsqueeze(1), pending[done].unsqueeze(1) + 1
+        rows = (pending - tail + torch.arange(tail)).clamp(min=0)
+        kv_tail, score_tail = kv_buf[slots, rows], score_buf[slots, rows]
+        # ... then what the next entry still needs (the overlap's window) moves to the front.
+        keep = tail - ratio
+        kept = (pending - keep + torch.arange(keep)).clamp(min=0)
         for buf in (kv_buf, score_buf):
             buf[slots, torch.arange(keep)] = buf[slots, kept]  # the gather copies before the scatter
-        for i in members.tolist():
+        for i in done.tolist():
             self.caches[i].pending[name] = keep
+        return done, kv_tail, score_tail
 
     def append_entries(self, name: str, members: torch.Tensor, entries: torch.Tensor) -> None:
         caches = [self.caches[i] for i in members.tolist()]

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
+from dsv4.cache.layout import frontier_start
+from dsv4.config import overlapping
 from dsv4.numerics.index_scores import KeyRows
 
 
@@ -35,7 +37,14 @@ class LayerCache(Protocol):
         """(kv, score) fp32 rows [n, coff·c'] of the pending tokens of compressor ``name``; n may be 0."""
         ...
 
-    def set_frontier(self, name: str, kv: torch.Tensor, score: torch.Tensor) -> None: ...
+    def extend_frontier(
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, pos0: int, ratio: int
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Add the projections (kv, score [n, coff·c']) of positions [pos0, pos0 + n) to the frontier of the
+        ratio-``ratio`` compressor ``name``; return its rows from its first kept position through pos0 + n - 1,
+        with that position. The cache then keeps only what a later entry needs (``layout.frontier_start``):
+        what a compressor retains is the cache's business, pooling the windows is the compressor's."""
+        ...
 
     def append_entries(self, name: str, entries: torch.Tensor) -> None:
         """Append completed entries [n, c'] (already normalised, rotated and quantisation-simulated)."""
@@ -93,15 +102,12 @@ class DecodeGroup(Protocol):
         ...
 
     def push_frontier(
-        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int, members: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append each member's new row (kv, score [S, C]) to its frontier; return the last ``tail`` rows of
-        the frontiers of ``members`` (indices into the group), [m, tail, C] each (arbitrary where a frontier
-        is shorter). Only the members that complete a window read their tail."""
-        ...
-
-    def trim_frontier(self, name: str, members: torch.Tensor, keep: int) -> None:
-        """Keep only the last ``keep`` rows of the frontiers of ``members`` (indices into the group)."""
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, ratio: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append each member's new row (kv, score [S, C]) to the frontier of its ratio-``ratio`` compressor
+        ``name``. Returns the members whose row completes a window (indices into the group) and the rows of
+        that window, [m, coff·ratio, C] each (with overlap the previous window's first; arbitrary where a
+        frontier is shorter); their frontiers then keep only what a later entry needs."""
         ...
 
     def append_entries(self, name: str, members: torch.Tensor, entries: torch.Tensor) -> None:
@@ -115,6 +121,24 @@ class DecodeGroup(Protocol):
     def num_entries(self, name: str) -> torch.Tensor:
         """[S] entries per member."""
         ...
+
+
+def extend_rows(
+    old: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor, score: torch.Tensor, pos0: int, ratio: int
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``extend_frontier`` on a frontier's rows ``old``: the joined (kv, score), the position of their first row,
+    and how many leading rows the frontier drops."""
+    end = pos0 + len(kv)
+    if len(old[0]):
+        kv, score = torch.cat([old[0], kv]), torch.cat([old[1], score])
+    start = frontier_start(ratio, pos0)
+    return kv, score, start, frontier_start(ratio, end) - start
+
+
+def completing(positions: list[int], ratio: int) -> torch.Tensor:
+    """The decode members whose token (at ``positions``, host ints: reading the device's would synchronise)
+    completes a ratio-``ratio`` window."""
+    return torch.tensor([i for i, p in enumerate(positions) if (p + 1) % ratio == 0], dtype=torch.long)
 
 
 class LoopDecodeGroup:
@@ -134,27 +158,19 @@ class LoopDecodeGroup:
         return out
 
     def push_frontier(
-        self, name: str, kv: torch.Tensor, score: torch.Tensor, tail: int, members: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen = members.tolist()
-        kv_tail = kv.new_zeros(len(chosen), tail, kv.shape[-1])
+        self, name: str, kv: torch.Tensor, score: torch.Tensor, ratio: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        done = completing(self.step.positions, ratio)
+        tail = 2 * ratio if overlapping(ratio) else ratio
+        kv_tail = kv.new_zeros(len(done), tail, kv.shape[-1])
         score_tail = torch.zeros_like(kv_tail)
-        for i, cache in enumerate(self.caches):
-            old_kv, old_score = cache.frontier(name)
-            new_kv = torch.cat([old_kv, kv[i : i + 1]]) if len(old_kv) else kv[i : i + 1]
-            new_score = torch.cat([old_score, score[i : i + 1]]) if len(old_score) else score[i : i + 1]
-            cache.set_frontier(name, new_kv, new_score)
+        chosen = done.tolist()
+        for i, (cache, p) in enumerate(zip(self.caches, self.step.positions, strict=True)):
+            rows_kv, rows_score, _ = cache.extend_frontier(name, kv[i : i + 1], score[i : i + 1], p, ratio)
             if i in chosen:
-                j = chosen.index(i)
-                kv_tail[j, tail - min(tail, len(new_kv)) :] = new_kv[-tail:]
-                score_tail[j, tail - min(tail, len(new_score)) :] = new_score[-tail:]
-        return kv_tail, score_tail
-
-    def trim_frontier(self, name: str, members: torch.Tensor, keep: int) -> None:
-        for i in members.tolist():
-            kv, score = self.caches[i].frontier(name)
-            kept = slice(max(0, len(kv) - keep), len(kv))
-            self.caches[i].set_frontier(name, kv[kept], score[kept])
+                j, n = chosen.index(i), min(tail, len(rows_kv))
+                kv_tail[j, tail - n :], score_tail[j, tail - n :] = rows_kv[-n:], rows_score[-n:]
+        return done, kv_tail, score_tail
 
     def append_entries(self, name: str, members: torch.Tensor, entries: torch.Tensor) -> None:
         for i, entry in zip(members.tolist(), entries.split(1), strict=True):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dsv4.cache.view import DecodeGroup, LayerCache
-from dsv4.config import KV_FP8_BLOCK, ModelConfig
+from dsv4.config import KV_FP8_BLOCK, ModelConfig, overlapping
 from dsv4.model.linear import Linear
 from dsv4.model.norm import RMSNorm
 from dsv4.model.rope import Rotary
@@ -31,18 +31,13 @@ class Compressor(nn.Module):
     ):
         super().__init__()
         self.ratio, self.head_dim, self.rotate, self.numerics, self.rotary = ratio, head_dim, rotate, numerics, rotary
-        self.overlap = ratio == 4
+        self.overlap = overlapping(ratio)
         coff = 2 if self.overlap else 1
         self.wkv = Linear(config.dim, coff * head_dim, "bf16", numerics)
         self.wgate = Linear(config.dim, coff * head_dim, "bf16", numerics)
         self.ape = nn.Parameter(torch.empty(ratio, coff * head_dim, dtype=torch.float32), requires_grad=False)
         self.norm = RMSNorm(head_dim, config.norm_eps)
         self.nope = head_dim - config.rope_head_dim
-
-    def frontier_start(self, end: int) -> int:
-        """First position the frontier must keep once positions [0, end) are seen."""
-        start = end // self.ratio * self.ratio - (self.ratio if self.overlap else 0)
-        return max(start, 0)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (kv, gate logits) of every token, computed for a whole batch at once (ape not added yet)."""
@@ -61,13 +56,8 @@ class Compressor(nn.Module):
         r, c = self.ratio, self.head_dim
         end = pos0 + len(kv)
         score = score + self.ape[torch.arange(pos0, end) % r]
-        old_kv, old_score = cache.frontier(name)
-        if len(old_kv):
-            kv, score = torch.cat([old_kv, kv]), torch.cat([old_score, score])
-        start = self.frontier_start(pos0)  # position of kv[0]
+        kv, score, start = cache.extend_frontier(name, kv, score, pos0, r)  # start: the position of kv[0]
         first, last = pos0 // r, end // r  # entries [first, last) complete in this call
-        keep = self.frontier_start(end) - start
-        cache.set_frontier(name, kv[keep:], score[keep:])
         if last == first:
             return None
 
@@ -91,10 +81,7 @@ class Compressor(nn.Module):
         grows by a row, and the members whose token completes a window get their entry."""
         r = self.ratio
         positions = group.positions
-        score = score + self.ape[positions % r]
-        tail = 2 * r if self.overlap else r
-        done = group.step.derived(f"complete/{r}", lambda: self._completing(group.step.positions))
-        kv, score = group.push_frontier(name, kv, score, tail, done)
+        done, kv, score = group.push_frontier(name, kv, score + self.ape[positions % r], r)
         if not len(done):
             return
         starts = positions[done] + 1 - r
@@ -103,12 +90,6 @@ class Compressor(nn.Module):
             kv[first, :r], score[first, :r] = 0.0, float("-inf")
             kv, score = self._slots(kv[:, :r], kv[:, r:]), self._slots(score[:, :r], score[:, r:])
         group.append_entries(name, done, self._finish(self._pooled(kv, score), starts))
-        group.trim_frontier(name, done, r if self.overlap else 0)
-
-    def _completing(self, positions: list[int]) -> torch.Tensor:
-        """The decode members whose token completes a window, from host positions (reading the device's
-        positions would synchronise); the same for every layer of this ratio, so a step derives it once."""
-        return torch.tensor([i for i, p in enumerate(positions) if (p + 1) % self.ratio == 0], dtype=torch.long)
 
     def _slots(self, previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """Ratio-4 pooling slots [n, 2r, c] from windows [n, r, 2c]: slots 0..r-1 the first halves of the
