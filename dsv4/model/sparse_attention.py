@@ -99,7 +99,7 @@ def attend_gathered(
         p = torch.exp(z - m_safe.unsqueeze(-1))
         l_sum = l_sum * alpha + p.sum(dim=-1)
         pv = torch.bmm(p.to(p_dtype).float(), k_blk[:, : end - start])
-        acc = acc * alpha.unsqueeze(-1) + pv
+        acc.mul_(alpha.unsqueeze(-1)).add_(pv)  # in place: the same two roundings, no new [T, H, D] tensors
         m = m_new
     m_safe = torch.where(torch.isinf(m), 0.0, m)
     l_sum = l_sum + torch.exp(sink.unsqueeze(0) - m_safe)
